@@ -1,0 +1,127 @@
+"""LoTR: low tensor rank adaptation (Bershatsky et al., arXiv 2402.01376).
+
+The updates of the L layers of one group (e.g. every query projection) form a Tucker-2 tensor
+``d_out × L × d_in``: the left and right factors are shared by the group, each layer owns a small core::
+
+    ΔW_l = s · U G_l Vᵀ      U: (d_out, r) shared   V: (d_in, r) shared   G_l: (r, r) layer l
+
+    y = W_l x + b + s · U (G_l (Vᵀ x))      # ΔW_l is never formed; the widest activation is n × r
+
+Trainable parameters per group: ``r (d_in + d_out) + L r²`` (only ``L r²`` with ``freeze_factors``).
+
+Initialisation keeps ΔW = 0: G = 0 and U, V with orthonormal columns, either random (``init="random"``)
+or the leading singular vectors of the mode-1 and mode-3 unfoldings of the stacked frozen weights
+(``init="tucker"``, one step of HOSVD). At step 0 only the cores receive gradient; the factors follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, check_bool, check_choice
+from .errors import RankshareError
+from .layer import AdapterLayer, dense_weight, linear_shape
+from .targets import group_targets
+
+
+@dataclass
+class LotrConfig(AdapterConfig):
+    """LoTR's options beside rank, alpha and target_modules.
+
+    share: ``"by_name"`` — one U, V per group of modules whose names agree once layer indices are masked
+        (all ``layers.*.q_proj`` together, as in the paper); ``"by_shape"`` — one U, V for all targets of
+        one shape (e.g. query and value together, as in the authors' code).
+    init: ``"random"`` (random orthonormal U, V) or ``"tucker"`` (U, V from the frozen weights).
+    freeze_factors: train only the cores G_l.
+    """
+
+    method = "lotr"
+
+    share: str = "by_name"
+    init: str = "random"
+    freeze_factors: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self, "share", ("by_name", "by_shape"))
+        check_choice(self, "init", ("random", "tucker"))
+        check_bool(self, "freeze_factors")
+
+    def create_adapters(self, targets: dict[str, nn.Module]) -> tuple[dict[str, AdapterLayer], dict[str, nn.Module]]:
+        layers, groups = {}, {}
+        for key, names in group_targets(targets, self.share).items():
+            bases = [targets[name] for name in names]
+            group = LotrGroup(*linear_shape(bases[0]), self.rank, device=bases[0].weight.device)
+            if self.init == "tucker":
+                group.init_from_weights([dense_weight(base) for base in bases])
+            group.requires_grad_(not self.freeze_factors)
+            groups[key] = group
+            for name, base in zip(names, bases):
+                layers[name] = LotrLayer(base, group, self.rank, self.scale)
+        return layers, groups
+
+
+class LotrGroup(nn.Module):
+    """The factors one group of layers shares: ``left`` U (d_out, r) and ``right`` V (d_in, r)."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        if rank > min(out_features, in_features):
+            raise RankshareError(
+                f"LoTR rank {rank} exceeds min(d_out, d_in) = {min(out_features, in_features)} of a "
+                f"{out_features}×{in_features} layer; choose rank <= {min(out_features, in_features)}."
+            )
+        self.left = nn.Parameter(_random_orthonormal(out_features, rank, device))
+        self.right = nn.Parameter(_random_orthonormal(in_features, rank, device))
+
+    @torch.no_grad()
+    def init_from_weights(self, weights: list[torch.Tensor]) -> None:
+        """U, V := leading singular vectors of the unfoldings of the stacked weights W_l (d_out, d_in).
+
+        The mode-1 unfolding is ``[W_1 … W_L]`` (d_out, L d_in); its left singular vectors are the
+        eigenvectors of ``Σ_l W_l W_lᵀ``. The mode-3 unfolding ``[W_1ᵀ … W_Lᵀ]`` gives V from ``Σ_l W_lᵀ W_l``.
+        """
+        stacked = torch.stack([w.detach().to(torch.float64) for w in weights])  # (L, d_out, d_in)
+        rank = self.left.shape[1]
+        self.left.copy_(_top_eigenvectors(torch.einsum("loi,lpi->op", stacked, stacked), rank))
+        self.right.copy_(_top_eigenvectors(torch.einsum("loi,loj->ij", stacked, stacked), rank))
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.left.shape[0]}, in_features={self.right.shape[0]}, rank={self.left.shape[1]}"
+
+
+class LotrLayer(AdapterLayer):
+    """One layer of a LoTR group: owns its ``core`` G (r, r); uses the group's U and V."""
+
+    def __init__(self, base_layer: nn.Module, group: LotrGroup, rank: int, scale: float) -> None:
+        super().__init__(base_layer, scale)
+        self.core = nn.Parameter(torch.zeros(rank, rank, **self.factory))
+        # Not registered as a submodule: the group is owned once by the AdaptedModel, so its tensors are
+        # counted, moved and saved once, however many layers use it.
+        object.__setattr__(self, "group", group)
+
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.group]
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = x @ self.group.right  # (..., r)
+        hidden = hidden @ self.core.T  # (..., r)
+        return self.scale * (hidden @ self.group.left.T)  # (..., d_out)
+
+    def delta_weight(self, gates: torch.Tensor | None = None) -> torch.Tensor:
+        if gates is not None:
+            raise RankshareError("LoTR has no router; merge it without gates.")
+        return self.scale * self.group.left @ self.core @ self.group.right.T
+
+
+def _random_orthonormal(rows: int, cols: int, device: torch.device | None) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, device=device, dtype=torch.float32))
+    return q
+
+
+def _top_eigenvectors(symmetric: torch.Tensor, count: int) -> torch.Tensor:
+    _, vectors = torch.linalg.eigh(symmetric)  # eigenvalues ascending
+    return vectors[:, -count:].flip(-1).to(torch.float32)

@@ -1,0 +1,154 @@
+"""Model surgery: put adapter layers into a model in place, count and merge them, take them out again.
+
+Nothing here knows a method's math: a config's ``create_adapters`` builds the layers (and any factors
+they share), and every layer answers the ``AdapterLayer`` interface.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import RankshareError
+from .layer import AdapterLayer
+from .targets import find_targets, matches
+
+
+def adapt(model: nn.Module, config: AdapterConfig, modules_to_save: list[str] | None = None) -> AdaptedModel:
+    """Freeze ``model``, replace each target module in place by an adapter layer, and wrap the result.
+
+    ``modules_to_save`` names modules (suffixes, as target_modules) that train fully and are saved with the
+    adapter, e.g. a classification head.
+    """
+    if not isinstance(config, AdapterConfig) or not config.method:
+        raise RankshareError(f"adapt() needs a LotrConfig, MorConfig or MoeLoraConfig, got {type(config).__name__}.")
+    targets = find_targets(model, config.target_modules)
+    trained_whole = _find_modules_to_save(model, modules_to_save or [], targets)
+    model.requires_grad_(False)
+    layers, shared = config.create_adapters(targets)
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+    for module in trained_whole.values():
+        module.requires_grad_(True)
+    return AdaptedModel(model, config, list(layers), shared, list(trained_whole))
+
+
+def _find_modules_to_save(model: nn.Module, patterns: list[str], targets: dict) -> dict[str, nn.Module]:
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    found = {name: m for name, m in model.named_modules() if name and matches(name, patterns)}
+    unmatched = [p for p in patterns if not any(matches(name, [p]) for name in found)]
+    if unmatched:
+        children = ", ".join(name for name, _ in model.named_children())
+        raise RankshareError(f"modules_to_save {unmatched} matched no module; top-level modules are: {children}.")
+    clash = sorted(n for n in found if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in targets))
+    if clash:
+        raise RankshareError(f"modules_to_save {clash} overlap target_modules; a module is either adapted or saved whole.")
+    return found
+
+
+class AdaptedModel(nn.Module):
+    """A base model with adapter layers inside; calls and unknown attributes go to the base model.
+
+    ``shared`` owns the tensors that several layers use (LoTR's factors), once.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        config: AdapterConfig,
+        adapter_names: list[str],
+        shared: dict[str, nn.Module],
+        modules_to_save: list[str],
+    ) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.shared = nn.ModuleDict(shared)
+        self.adapter_config = config
+        self.adapter_names = adapter_names
+        self.modules_to_save = modules_to_save
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def adapter_layers(self) -> dict[str, AdapterLayer]:
+        return {name: self.base_model.get_submodule(name) for name in self.adapter_names}
+
+    # -- parameters ---------------------------------------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor the adapter adds or trains, each once: layer tensors, shared factors, saved modules."""
+        state = {}
+        for name, layer in self.adapter_layers().items():
+            state.update({f"{name}.{key}": p for key, p in layer.adapter_parameters().items()})
+        for key, module in self.shared.items():
+            state.update({f"shared.{key}.{pname}": p for pname, p in module.named_parameters()})
+        for name in self.modules_to_save:
+            module = self.base_model.get_submodule(name)
+            state.update({f"{name}.{key}": t for key, t in module.state_dict().items()})
+        return state
+
+    def num_trainable_parameters(self) -> int:
+        """Trainable parameters, each shared tensor counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def print_trainable_parameters(self) -> None:
+        trainable = self.num_trainable_parameters()
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- merging ------------------------------------------------------------------------------------------
+
+    def merge(self, gates: torch.Tensor | list[float] | None = None) -> None:
+        """Fold every update into its base weight (in place, reversible by ``unmerge``).
+
+        Mixture methods (MoR, MoE-LoRA) merge only with ``gates``: one weight per expert, used in every layer.
+        """
+        for layer in self.adapter_layers().values():
+            layer.merge(gates)
+
+    def unmerge(self) -> None:
+        for layer in self.adapter_layers().values():
+            layer.unmerge()
+
+    def merge_and_unload(self, gates: torch.Tensor | list[float] | None = None) -> nn.Module:
+        """Merge, then put each base layer back in place of its adapter layer; returns the base model."""
+        layers = self.adapter_layers()
+        for layer in layers.values():
+            if not layer.merged:
+                layer.merge(gates)
+        for name, layer in layers.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
+        self.adapter_names = []
+        return self.base_model
+
+    # -- persistence --------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only)."""
+        from .persistence import save_adapter
+
+        save_adapter(self, Path(directory))
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | Path, is_trainable: bool = False) -> AdaptedModel:
+        """Adapt ``base_model`` as recorded in ``directory`` and load the saved tensors.
+
+        The adapter is frozen for inference unless ``is_trainable``.
+        """
+        from .persistence import load_adapter
+
+        return load_adapter(base_model, Path(directory), is_trainable)

@@ -1,0 +1,52 @@
+"""MoE-LoRA: N independent LoRA experts mixed by a per-token softmax router (MoR's main baseline).
+
+::
+
+    ΔW_i = s · B_i A_i        A_i: (r, d_in)  B_i: (d_out, r)
+    y    = W x + b + Σ_i g_i(x) ΔW_i x,        g(x) = softmax(R x),  R: (N, d_in)
+
+Trainable parameters per layer: ``N r (d_in + d_out) + N d_in``.
+
+Forward with all experts in two matmuls (the widest activation is n × N r)::
+
+    h = [A_1; …; A_N] x          (n, N r)
+    y_adapter = s · [B_1 … B_N] (g ⊗ 1_r ⊙ h)
+
+Init: each A_i as LoRA's, B_i = 0, a small random router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .mixture import MixtureConfig, MixtureLayer, uniform_fan_in
+
+
+class MoeLoraLayer(MixtureLayer):
+    """A frozen base layer plus N routed LoRA experts."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, num_experts: int, scale: float) -> None:
+        super().__init__(base_layer, num_experts, scale)
+        self.lora_A = nn.Parameter(uniform_fan_in((num_experts, rank, self.in_features), self.in_features, self.factory))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank, **self.factory))
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_experts, rank, _ = self.lora_A.shape
+        hidden = x @ self.lora_A.reshape(num_experts * rank, -1).T  # (..., N r)
+        gated = self.router_probs(x).unsqueeze(-1) * hidden.unflatten(-1, (num_experts, rank))  # (..., N, r)
+        experts_up = self.lora_B.transpose(1, 2).reshape(num_experts * rank, -1)  # (N r, d_out)
+        return self.scale * (gated.flatten(-2) @ experts_up)  # (..., d_out)
+
+    def expert_delta_weights(self) -> torch.Tensor:
+        return self.scale * self.lora_B @ self.lora_A
+
+
+@dataclass
+class MoeLoraConfig(MixtureConfig):
+    """MoE-LoRA: rank r per expert, num_experts N, alpha (s = alpha / r)."""
+
+    method = "moelora"
+    layer_class = MoeLoraLayer

@@ -1,0 +1,58 @@
+"""MoR: mixture of ranks (Tang et al., arXiv 2410.13408).
+
+One LoRA pair A (r, d_in), B (d_out, r) per layer, shared by N experts that only rescale it, mixed by a
+per-token softmax router R (N, d_in)::
+
+    ΔW_i = s · diag(b_i) B diag(a_i) A        a_i ∈ R^r  (scale_in[i]),  b_i ∈ R^d_out  (scale_out[i])
+    y    = W x + b + Σ_i g_i(x) ΔW_i x,        g(x) = softmax(R x)
+
+Trainable parameters per layer: ``r (d_in + d_out) + N (r + d_out) + N d_in``.
+
+Fast forward (the widest activation is n × N r, never n × N × d_out)::
+
+    h = A x                                   (n, r)
+    u_i = g_i(x) · (a_i ⊙ h)                  (n, N, r)
+    M = [diag(b_1) B, …, diag(b_N) B]         (d_out, N r), from weights only
+    y_adapter = s · u M^T                     (n, d_out)
+
+Init: A as LoRA's, B = 0 (so ΔW = 0), a_i = b_i = 1 (so MoR starts as plain LoRA), a small random router
+that breaks the symmetry between experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .mixture import MixtureConfig, MixtureLayer, uniform_fan_in
+
+
+class MorLayer(MixtureLayer):
+    """A frozen base layer plus a MoR update."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, num_experts: int, scale: float) -> None:
+        super().__init__(base_layer, num_experts, scale)
+        self.lora_A = nn.Parameter(uniform_fan_in((rank, self.in_features), self.in_features, self.factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **self.factory))
+        self.scale_in = nn.Parameter(torch.ones(num_experts, rank, **self.factory))
+        self.scale_out = nn.Parameter(torch.ones(num_experts, self.out_features, **self.factory))
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_experts, rank = self.scale_in.shape
+        hidden = x @ self.lora_A.T  # (..., r)
+        gated = self.router_probs(x).unsqueeze(-1) * (hidden.unsqueeze(-2) * self.scale_in)  # (..., N, r)
+        experts_out = (self.lora_B.T * self.scale_out.unsqueeze(1)).reshape(num_experts * rank, -1)  # (N r, d_out)
+        return self.scale * (gated.flatten(-2) @ experts_out)  # (..., d_out)
+
+    def expert_delta_weights(self) -> torch.Tensor:
+        return self.scale * torch.einsum("io,ok,ik,kd->iod", self.scale_out, self.lora_B, self.scale_in, self.lora_A)
+
+
+@dataclass
+class MorConfig(MixtureConfig):
+    """MoR: rank r of the shared LoRA pair, num_experts N scaling experts, alpha (s = alpha / r)."""
+
+    method = "mor"
+    layer_class = MorLayer

@@ -1,0 +1,70 @@
+"""Which modules of a model get adapters, and which of them share factors. Pure functions over names."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .errors import RankshareError
+from .layer import AdapterLayer, is_supported, linear_shape
+
+
+def matches(name: str, patterns: list[str] | str) -> bool:
+    """A list entry matches a name equal to it or ending in ``"." + entry``; a string is a full-match regex."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def masked_name(name: str) -> str:
+    """The name with its numeric components masked: ``layers.3.q_proj`` -> ``layers.*.q_proj``."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def find_targets(model: nn.Module, patterns: list[str] | str) -> dict[str, nn.Module]:
+    """The modules ``patterns`` names, in model order; each must be a supported linear layer."""
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise RankshareError("This model already has rankshare adapters; adapt the original base model instead.")
+    targets = {name: module for name, module in model.named_modules() if name and matches(name, patterns)}
+    if not targets:
+        linear = sorted({masked_name(n) for n, m in model.named_modules() if is_supported(m)})
+        shown = ", ".join(linear[:30]) + (f", … ({len(linear)} in all)" if len(linear) > 30 else "")
+        raise RankshareError(
+            f"No module matched target_modules={patterns!r}. "
+            f"Linear layers in this model: {shown or 'none'}. Name some of these."
+        )
+    for name, module in targets.items():
+        if not is_supported(module):
+            raise RankshareError(
+                f"target_modules={patterns!r} matched {name!r}, a {type(module).__name__}; rankshare adapts "
+                "torch.nn.Linear and transformers' Conv1D only. Name linear layers."
+            )
+    return targets
+
+
+def group_targets(targets: dict[str, nn.Module], share: str) -> dict[str, list[str]]:
+    """Groups of targets that share factors, keyed by a readable name usable as a module key.
+
+    ``"by_name"``: same masked name and same shape (key ``encoder/layer/*/attention/self/query``; a shape
+    suffix ``@768x3072`` is added only where one masked name covers several shapes).
+    ``"by_shape"``: same ``(d_out, d_in)`` (key ``768x768``).
+    """
+    by_key: dict[tuple, list[str]] = {}
+    for name, module in targets.items():
+        shape = linear_shape(module)
+        by_key.setdefault((masked_name(name) if share == "by_name" else "", shape), []).append(name)
+    names_with_shapes: dict[str, int] = {}
+    for masked, _ in by_key:
+        names_with_shapes[masked] = names_with_shapes.get(masked, 0) + 1
+    groups = {}
+    for (masked, (d_out, d_in)), names in by_key.items():
+        shape = f"{d_out}x{d_in}"
+        if not masked:
+            key = shape
+        elif names_with_shapes[masked] > 1:
+            key = f"{masked.replace('.', '/')}@{shape}"
+        else:
+            key = masked.replace(".", "/")
+        groups[key] = names
+    return groups

@@ -1,0 +1,98 @@
+"""Tiny models built from configs (no downloads), one per family the adapters must support."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import rankshare as rs
+
+
+@dataclass
+class Family:
+    name: str
+    build: Callable[[], nn.Module]
+    targets: list[str]
+    inputs: Callable[[], dict]
+    modules_to_save: list[str]
+
+
+def _token_inputs(vocab: int = 50) -> dict:
+    generator = torch.Generator().manual_seed(7)
+    return {"input_ids": torch.randint(0, vocab, (2, 6), generator=generator)}
+
+
+def build_bert() -> nn.Module:
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=32, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+def build_llama() -> nn.Module:
+    config = LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32)
+    return LlamaForCausalLM(config).eval()
+
+
+def build_gpt2() -> nn.Module:
+    config = GPT2Config(vocab_size=50, n_embd=32, n_layer=3, n_head=4, n_positions=32)
+    return GPT2LMHeadModel(config).eval()
+
+
+def build_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+FAMILIES = {
+    "bert": Family("bert", build_bert, ["query", "value"], _token_inputs, ["classifier"]),
+    "llama": Family("llama", build_llama, ["q_proj", "k_proj", "v_proj"], _token_inputs, []),
+    "gpt2": Family("gpt2", build_gpt2, ["c_attn", "c_proj"], _token_inputs, []),
+    "mlp": Family("mlp", build_mlp, ["0", "2", "4"], lambda: {"input": torch.randn(5, 16, generator=torch.Generator().manual_seed(7))}, ["6"]),
+}
+
+METHODS = {
+    "lotr": lambda targets: rs.LotrConfig(rank=4, alpha=8, target_modules=targets),
+    "lotr_by_shape": lambda targets: rs.LotrConfig(rank=4, alpha=8, target_modules=targets, share="by_shape"),
+    "mor": lambda targets: rs.MorConfig(rank=4, num_experts=3, alpha=8, target_modules=targets),
+    "moelora": lambda targets: rs.MoeLoraConfig(rank=4, num_experts=3, alpha=8, target_modules=targets),
+}
+
+
+def base_model(family: Family, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return family.build()
+
+
+def run(model: nn.Module, inputs: dict) -> torch.Tensor:
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@torch.no_grad()
+def randomise_adapters(model: rs.AdaptedModel, seed: int = 1, std: float = 0.3) -> None:
+    """Move every adapter tensor away from its init, so that no formula is checked at a trivial point."""
+    generator = torch.Generator().manual_seed(seed)
+    for key, tensor in model.adapter_state_dict().items():
+        if key.startswith(tuple(model.modules_to_save)):
+            continue
+        tensor.add_(std * torch.randn(tensor.shape, generator=generator))
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> Family:
+    return FAMILIES[request.param]
+
+
+@pytest.fixture(params=sorted(METHODS))
+def method(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def adapted(family: Family, method: str) -> rs.AdaptedModel:
+    return rs.adapt(base_model(family), METHODS[method](family.targets), modules_to_save=family.modules_to_save)

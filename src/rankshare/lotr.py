@@ -52,7 +52,7 @@ class LotrConfig(AdapterConfig):
 
     def create_adapters(self, targets: dict[str, nn.Module]) -> tuple[dict[str, AdapterLayer], dict[str, nn.Module]]:
         layers, groups = {}, {}
-        for key, names in group_targets(targets, self.share).items():
+        for key, names in group_targets({n: linear_shape(m) for n, m in targets.items()}, self.share).items():
             bases = [targets[name] for name in names]
             group = LotrGroup(*linear_shape(bases[0]), self.rank, device=bases[0].weight.device)
             if self.init == "tucker":

@@ -7,7 +7,7 @@ import re
 from torch import nn
 
 from .errors import RankshareError
-from .layer import AdapterLayer, is_supported, linear_shape
+from .layer import AdapterLayer, is_supported
 
 
 def matches(name: str, patterns: list[str] | str) -> bool:
@@ -43,17 +43,16 @@ def find_targets(model: nn.Module, patterns: list[str] | str) -> dict[str, nn.Mo
     return targets
 
 
-def group_targets(targets: dict[str, nn.Module], share: str) -> dict[str, list[str]]:
-    """Groups of targets that share factors, keyed by a readable name usable as a module key.
+def group_targets(shapes: dict[str, tuple[int, int]], share: str) -> dict[str, list[str]]:
+    """Groups of targets (name -> ``(d_out, d_in)``) that share factors, keyed by a name usable as a module key.
 
     ``"by_name"``: same masked name and same shape (key ``encoder/layer/*/attention/self/query``; a shape
     suffix ``@768x3072`` is added only where one masked name covers several shapes).
     ``"by_shape"``: same ``(d_out, d_in)`` (key ``768x768``).
     """
     by_key: dict[tuple, list[str]] = {}
-    for name, module in targets.items():
-        shape = linear_shape(module)
-        by_key.setdefault((masked_name(name) if share == "by_name" else "", shape), []).append(name)
+    for name, shape in shapes.items():
+        by_key.setdefault((masked_name(name) if share == "by_name" else "", tuple(shape)), []).append(name)
     names_with_shapes: dict[str, int] = {}
     for masked, _ in by_key:
         names_with_shapes[masked] = names_with_shapes.get(masked, 0) + 1

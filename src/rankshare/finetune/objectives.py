@@ -1,0 +1,222 @@
+"""What the model is trained to do with the data: a batch, its loss, and its evaluation, per objective.
+
+- ``SequenceClassification``: an encoder with one classification head over the labels of all tasks;
+  each example's logits are restricted to its own task's labels (in the loss and at prediction).
+- ``TextToLabel``: a causal LM reads ``text`` and writes the label's name; it predicts the label whose
+  name is most likely (summed log-probabilities) among its task's labels.
+- ``LanguageModelling``: next-token prediction on the texts; reported as perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import Example
+from .metrics import classification_metrics
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    inputs: dict  # keyword arguments for the model
+    examples: list[Example]
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+def _attention_mask(rows: list[list[int]]) -> torch.Tensor:
+    return _pad([[1] * len(r) for r in rows], 0)
+
+
+class Objective:
+    # A causal LM's prompt is followed by more text, so it takes no end-of-sequence tokens of its own.
+    special_tokens = True
+
+    def __init__(self, tokenizer, tasks: dict[str, list[str]], max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.tasks = tasks
+        self.max_length = max_length
+        # Called as observer(attention_mask, tasks) before each evaluation forward (router statistics).
+        self.observer = None
+
+    def encode(self, texts: list[str], max_length: int) -> list[list[int]]:
+        ids = self.tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=self.special_tokens)
+        return ids["input_ids"]
+
+    def forward(self, model, inputs: dict, examples: list[Example]):
+        if self.observer is not None:
+            self.observer(inputs["attention_mask"], [e.task for e in examples])
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+    def batch(self, examples: list[Example], device) -> Batch:
+        raise NotImplementedError
+
+    def loss(self, model, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, model, examples: list[Example], batch_size: int, device, progress=None) -> dict:
+        raise NotImplementedError
+
+    def _token_log_likelihoods(self, model, inputs: dict, examples: list[Example]) -> torch.Tensor:
+        """log p(token t+1 | tokens ≤ t) at every labelled position, 0 elsewhere: (B, T-1)."""
+        logits = self.forward(model, inputs, examples).logits.float()
+        targets = inputs["labels"][:, 1:]
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return picked.masked_fill(targets == IGNORE, 0.0)
+
+
+class SequenceClassification(Objective):
+    def __init__(self, tokenizer, tasks, max_length) -> None:
+        super().__init__(tokenizer, tasks, max_length)
+        self.offsets, total = {}, 0
+        for task, labels in tasks.items():
+            self.offsets[task], total = total, total + len(labels)
+        self.num_labels = total
+
+    def _task_mask(self, examples: list[Example], device) -> torch.Tensor:
+        mask = torch.zeros(len(examples), self.num_labels, dtype=torch.bool, device=device)
+        for row, example in enumerate(examples):
+            start = self.offsets[example.task]
+            mask[row, start : start + len(self.tasks[example.task])] = True
+        return mask
+
+    def batch(self, examples, device) -> Batch:
+        rows = self.encode([e.text for e in examples], self.max_length)
+        inputs = {"input_ids": _pad(rows, self.tokenizer.pad_token_id).to(device), "attention_mask": _attention_mask(rows).to(device)}
+        return Batch(inputs, examples)
+
+    def _task_logits(self, model, batch: Batch) -> torch.Tensor:
+        logits = self.forward(model, batch.inputs, batch.examples).logits.float()
+        return logits.masked_fill(~self._task_mask(batch.examples, logits.device), -torch.inf)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        targets = torch.tensor([self.offsets[e.task] + e.label for e in batch.examples], device=batch.inputs["input_ids"].device)
+        return F.cross_entropy(self._task_logits(model, batch), targets)
+
+    @torch.no_grad()
+    def evaluate(self, model, examples, batch_size, device, progress=None) -> dict:
+        labels, predictions = defaultdict(list), defaultdict(list)
+        for start in range(0, len(examples), batch_size):
+            batch = self.batch(examples[start : start + batch_size], device)
+            for example, predicted in zip(batch.examples, self._task_logits(model, batch).argmax(-1).tolist()):
+                labels[example.task].append(example.label)
+                predictions[example.task].append(predicted - self.offsets[example.task])
+            if progress:
+                progress(len(batch.examples))
+        return _per_task_classification(self.tasks, labels, predictions)
+
+
+class TextToLabel(Objective):
+    """Prompt ``{text}\\n{task}:`` followed by `` {label name}`` and the end-of-sequence token."""
+
+    special_tokens = False
+
+    def __init__(self, tokenizer, tasks, max_length) -> None:
+        super().__init__(tokenizer, tasks, max_length)
+        self.answers = {task: [self._ids(" " + name) for name in names] for task, names in tasks.items()}
+        self.suffixes = {task: self._ids(f"\n{task}:") for task in tasks}
+        longest = max(len(a) for answers in self.answers.values() for a in answers) + 1
+        self.text_budget = max_length - longest - max(len(s) for s in self.suffixes.values())
+        if self.text_budget < 8:
+            raise ValueError(f"max_length {max_length} leaves no room for text beside the label names.")
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _prompts(self, examples) -> list[list[int]]:
+        texts = self.encode([e.text for e in examples], self.text_budget)
+        return [ids + self.suffixes[e.task] for ids, e in zip(texts, examples)]
+
+    def _sequences(self, prompts, answers, device) -> dict:
+        rows = [p + a for p, a in zip(prompts, answers)]
+        labels = [[IGNORE] * len(p) + a for p, a in zip(prompts, answers)]
+        return {
+            "input_ids": _pad(rows, self.tokenizer.pad_token_id).to(device),
+            "attention_mask": _attention_mask(rows).to(device),
+            "labels": _pad(labels, IGNORE).to(device),
+        }
+
+    def batch(self, examples, device) -> Batch:
+        answers = [self.answers[e.task][e.label] + [self.tokenizer.eos_token_id] for e in examples]
+        return Batch(self._sequences(self._prompts(examples), answers, device), examples)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return model(**batch.inputs).loss
+
+    @torch.no_grad()
+    def evaluate(self, model, examples, batch_size, device, progress=None) -> dict:
+        # Score every (example, candidate label) pair by the summed log-probability of the label's tokens.
+        pairs = [(i, k) for i, e in enumerate(examples) for k in range(len(self.tasks[e.task]))]
+        prompts = self._prompts(examples)
+        scores = torch.empty(len(pairs))
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            inputs = self._sequences([prompts[i] for i, _ in chunk], [self.answers[examples[i].task][k] for i, k in chunk], device)
+            chunk_examples = [examples[i] for i, _ in chunk]
+            scores[start : start + len(chunk)] = self._token_log_likelihoods(model, inputs, chunk_examples).sum(-1).cpu()
+            if progress:
+                progress(len({i for i, _ in chunk}))
+        best: dict[int, tuple[float, int]] = {}
+        for (i, k), score in zip(pairs, scores.tolist()):
+            if i not in best or score > best[i][0]:
+                best[i] = (score, k)
+        labels, predictions = defaultdict(list), defaultdict(list)
+        for i, example in enumerate(examples):
+            labels[example.task].append(example.label)
+            predictions[example.task].append(best[i][1])
+        return _per_task_classification(self.tasks, labels, predictions)
+
+
+class LanguageModelling(Objective):
+    def batch(self, examples, device) -> Batch:
+        rows = self.encode([e.text for e in examples], self.max_length)
+        ids = _pad(rows, self.tokenizer.pad_token_id)
+        mask = _attention_mask(rows)
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": ids.masked_fill(mask == 0, IGNORE).to(device)}
+        return Batch(inputs, examples)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return model(**batch.inputs).loss
+
+    @torch.no_grad()
+    def evaluate(self, model, examples, batch_size, device, progress=None) -> dict:
+        nll, tokens = defaultdict(float), defaultdict(int)
+        for start in range(0, len(examples), batch_size):
+            batch = self.batch(examples[start : start + batch_size], device)
+            per_token = self._token_log_likelihoods(model, batch.inputs, batch.examples)  # (B, T-1), 0 where ignored
+            counted = (batch.inputs["labels"][:, 1:] != IGNORE).sum(-1)
+            for example, total, count in zip(batch.examples, per_token.sum(-1).tolist(), counted.tolist()):
+                nll[example.task] -= total
+                tokens[example.task] += count
+            if progress:
+                progress(len(batch.examples))
+        result = {t: {"perplexity": math.exp(nll[t] / tokens[t]), "loss": nll[t] / tokens[t], "tokens": tokens[t]} for t in nll}
+        all_nll, all_tokens = sum(nll.values()), sum(tokens.values())
+        result["average"] = {"perplexity": math.exp(all_nll / all_tokens), "loss": all_nll / all_tokens, "tokens": all_tokens}
+        return result
+
+
+def _per_task_classification(tasks, labels, predictions) -> dict:
+    result = {t: classification_metrics(labels[t], predictions[t], len(tasks[t])) for t in tasks if labels[t]}
+    scored = list(result.values())
+    result["average"] = {
+        "accuracy": sum(m["accuracy"] for m in scored) / len(scored),
+        "macro_f1": sum(m["macro_f1"] for m in scored) / len(scored),
+        "examples": sum(m["examples"] for m in scored),
+    }
+    return result
+
+
+def make_objective(kind: str, tokenizer, tasks, max_length) -> Objective:
+    return {"classify": SequenceClassification, "text_to_label": TextToLabel, "lm": LanguageModelling}[kind](tokenizer, tasks, max_length)

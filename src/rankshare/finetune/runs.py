@@ -1,0 +1,267 @@
+"""The commands' work, apart from their parsing: train one method, compare several, evaluate, merge.
+
+A run folder holds ``command.json`` (what was asked, so ``--resume`` can finish it) and, per method,
+``run.json`` (how to rebuild the model), the adapter, ``metrics.json`` and a training checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+import rankshare as rs
+
+from ..errors import RankshareError
+from ..layer import linear_shape
+from ..targets import find_targets
+from .budget import plan_all
+from .data import DataSplits, load_data
+from .models import (ModelSource, default_targets, head_modules, load_causal_lm, load_classifier, load_tokenizer,
+                     resolve_model)
+from .objectives import make_objective
+from .report import write_report
+from .train import Settings, attach_adapter, evaluate, parameter_counts, peak_memory_mb, train, versions
+
+
+@dataclass
+class Job:
+    """What a train or compare command asks for (saved as command.json)."""
+
+    methods: list[str]
+    model: str = "minilm"
+    data: str = "news+sentiment"
+    objective: str = "auto"  # auto: classify with an encoder, text_to_label with a causal LM; or lm
+    text_column: str = "text"
+    label_column: str = "label"
+    max_train: int | None = 1200
+    max_eval: int | None = 300
+    max_length: int = 64
+    rank: int | None = None
+    budget: int | None = None
+    device: str = "auto"
+    settings: dict | None = None  # Settings fields shared by all methods (method and rank left out)
+
+
+def write_json(path: Path, data) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise RankshareError(f"--out {out} is a file; choose a folder.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RankshareError(f"--out {out} already holds results; choose another folder, add --overwrite, or --resume it.")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RankshareError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RankshareError("--device cuda: no CUDA GPU is available here; use --device cpu.")
+    return device
+
+
+def objective_kind(job: Job, source: ModelSource) -> str:
+    if job.objective != "auto":
+        return job.objective
+    config_path = Path(source.path) / "config.json"
+    if source.gguf_file:
+        return "text_to_label"
+    if config_path.is_file():
+        architectures = json.loads(config_path.read_text()).get("architectures") or []
+        if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
+            return "text_to_label"
+    return "classify"
+
+
+class Workspace:
+    """The loaded model, tokenizer and data of one job, shared by the methods it trains."""
+
+    def __init__(self, job: Job, quiet: bool) -> None:
+        self.job, self.quiet = job, quiet
+        self.device = pick_device(job.device)
+        seed = (job.settings or {}).get("seed", 0)
+        self.splits: DataSplits = load_data(job.data, seed=seed, text_column=job.text_column, label_column=job.label_column,
+                                            max_train=job.max_train, max_eval=job.max_eval)
+        self.source = resolve_model(job.model)
+        self.kind = objective_kind(job, self.source)
+        self.tokenizer = load_tokenizer(self.source)
+        self.objective = make_objective(self.kind, self.tokenizer, self.splits.tasks, job.max_length)
+        torch.manual_seed(seed)  # a new classification head is initialised here
+        self.pristine = self._load_base()
+        self.targets = (job.settings or {}).get("target_modules") or default_targets(self.pristine)
+        self.shapes = {name: linear_shape(m) for name, m in find_targets(self.pristine, self.targets).items()}
+
+    def _load_base(self):
+        if self.kind == "classify":
+            return load_classifier(self.source, self.objective.num_labels)
+        return load_causal_lm(self.source)
+
+    def fresh_base(self):
+        return copy.deepcopy(self.pristine)
+
+    def ranks(self) -> dict[str, tuple[int | None, str]]:
+        """Each method's rank: --rank for all, or the budget planner's choice."""
+        if self.job.budget is None:
+            return {m: (self.job.rank or 8, f"rank {self.job.rank or 8} (given)") for m in self.job.methods}
+        shared = self.job.settings or {}
+        plans = plan_all(self.job.methods, self.shapes, self.job.budget, num_experts=shared.get("num_experts", 8),
+                         share=shared.get("share", "by_name"), freeze_factors=shared.get("freeze_factors", False))
+        return {plan.method: (plan.rank, plan.note) for plan in plans}
+
+
+def run_method(space: Workspace, method: str, rank: int, folder: Path, stop_after: int | None = None) -> dict:
+    """Train, evaluate and save one method in ``folder``; resumes from a checkpoint there."""
+    job = space.job
+    settings = Settings(method=method, rank=rank, **{**(job.settings or {}), "target_modules": space.targets})
+    folder.mkdir(parents=True, exist_ok=True)
+    base = space.fresh_base()
+    heads = head_modules(base) if space.kind == "classify" else []
+    if space.kind == "classify":
+        base.config.id2label = {space.objective.offsets[t] + i: f"{t}:{name}" for t, names in space.splits.tasks.items()
+                                for i, name in enumerate(names)}
+        base.config.label2id = {v: k for k, v in base.config.id2label.items()}
+    model = attach_adapter(base, settings, heads).to(space.device)
+    write_json(folder / "run.json", {"job": asdict(job), "settings": asdict(settings), "kind": space.kind,
+                                     "tasks": space.splits.tasks, "heads": heads})
+    if space.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(space.device)
+    timing = train(model, space.objective, space.splits.train, settings, space.device, folder, space.quiet, stop_after)
+    if stop_after is not None and stop_after < timing["steps"]:
+        return {}
+    evaluation = evaluate(model, space.objective, space.splits, settings.batch_size, space.device, space.quiet)
+    model.save_pretrained(str(folder / "adapter"))
+    record = {
+        "method": method,
+        "rank": rank,
+        "config": {"model": job.model, "data": job.data, "objective": space.kind, "max_length": job.max_length,
+                   **asdict(settings), "learning_rate": settings.learning_rate},
+        "trainable_parameters": parameter_counts(model, heads),
+        **evaluation,
+        **{k: v for k, v in timing.items() if k != "wall_seconds_this_process"},
+        "examples": {"train": len(space.splits.train), "validation": len(space.splits.validation), "test": len(space.splits.test)},
+        "peak_memory_mb": peak_memory_mb(space.device),
+        "device": str(space.device),
+        "seed": settings.seed,
+        "versions": versions(),
+    }
+    if record["router"] is None:
+        del record["router"]
+    write_json(folder / "metrics.json", record)
+    (folder / "checkpoint.pt").unlink(missing_ok=True)
+    return record
+
+
+def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resuming: bool = False) -> list[dict]:
+    """Train every method of ``job`` (skipping those already finished in ``out``) and write the report.
+
+    Everything that can be wrong with the input is found before ``out`` is touched.
+    """
+    if not resuming:
+        check_out(out, overwrite)
+    started = time.perf_counter()
+    space = Workspace(job, quiet)
+    ranks = space.ranks()
+    if not resuming:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        write_json(out / "command.json", asdict(job))
+    for method, (rank, note) in ranks.items():
+        say(f"{method}: {note}")
+    records = []
+    for method, (rank, note) in ranks.items():
+        if rank is None:
+            continue
+        folder = out if len(job.methods) == 1 else out / method
+        finished = folder / "metrics.json"
+        if finished.is_file():
+            records.append(json.loads(finished.read_text()))
+            continue
+        records.append(run_method(space, method, rank, folder))
+    for record in records:
+        record["plan"] = ranks[record["method"]][1]
+    if len(job.methods) > 1:
+        write_json(out / "metrics.json", {"runs": records, "wall_seconds": time.perf_counter() - started})
+    write_report(out, records)
+    return records
+
+
+def load_run(directory: Path) -> tuple[dict, Path]:
+    """The run.json beside an adapter: ``directory`` may be a run folder or its adapter folder."""
+    for folder in (directory, directory.parent):
+        if (folder / "run.json").is_file() and (folder / "adapter").is_dir():
+            return json.loads((folder / "run.json").read_text()), folder / "adapter"
+    if (directory / "command.json").is_file():
+        methods = sorted(p.name for p in directory.iterdir() if (p / "run.json").is_file())
+        raise RankshareError(f"{directory} holds a comparison; point --adapter at one method's folder: {methods}.")
+    raise RankshareError(f"{directory} is not a rankshare run folder (no run.json and adapter/); give the --out of a train run.")
+
+
+def load_trained(directory: Path, device: str = "auto"):
+    """Rebuild a trained model from its run folder: (model, run record, tokenizer, source)."""
+    run, adapter = load_run(directory)
+    source = resolve_model(run["job"]["model"])
+    tokenizer = load_tokenizer(source)
+    if run["kind"] == "classify":
+        base = load_classifier(source, sum(len(v) for v in run["tasks"].values()))
+    else:
+        base = load_causal_lm(source)
+    if run["settings"]["method"] == "lora":
+        import peft
+
+        model = peft.PeftModel.from_pretrained(base, str(adapter))
+    else:
+        model = rs.AdaptedModel.from_pretrained(base, adapter)
+    return model.to(pick_device(device)).eval(), run, tokenizer, source
+
+
+def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "auto") -> dict:
+    model, run, tokenizer, _ = load_trained(directory, device)
+    job = run["job"]
+    splits = load_data(data or job["data"], seed=run["settings"]["seed"], text_column=job["text_column"],
+                       label_column=job["label_column"], max_train=1, max_eval=job["max_eval"])
+    for task, labels in splits.tasks.items():
+        if run["kind"] != "lm" and run["tasks"].get(task) != labels:
+            raise RankshareError(f"Task {task!r} of --data has labels {labels}, the adapter was trained on "
+                                 f"{run['tasks'].get(task)}; evaluate on data of the same tasks.")
+    objective = make_objective(run["kind"], tokenizer, run["tasks"], job["max_length"])
+    return evaluate(model, objective, replace(splits, tasks=run["tasks"]), run["settings"]["batch_size"],
+                    next(model.parameters()).device, quiet)
+
+
+def merge_run(directory: Path, out: Path, gates: list[float] | str | None) -> Path:
+    model, run, tokenizer, _ = load_trained(directory, "cpu")
+    method = run["settings"]["method"]
+    if isinstance(gates, str):  # a task name: that task's mean routing, measured at evaluation
+        router = json.loads((directory / "metrics.json").read_text()).get("router") or {}
+        if gates not in router:
+            raise RankshareError(f"--gates {gates}: no mean routing recorded for that task; tasks: {sorted(router)}.")
+        gates = router[gates]
+    if method in ("mor", "moelora") and gates is None:
+        raise RankshareError(f"A {method} adapter routes each token differently and merges only with fixed gates: "
+                             f"pass --gates g1,...,gN ({run['settings']['num_experts']} numbers) or --gates TASK.")
+    if method in ("lora", "lotr") and gates is not None:
+        raise RankshareError(f"--gates applies to mor and moelora only; a {method} adapter merges without it.")
+    plain = model.merge_and_unload() if method in ("lora", "lotr") else model.merge_and_unload(gates=gates)
+    temporary = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    plain.save_pretrained(str(temporary))
+    tokenizer.save_pretrained(str(temporary))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(temporary, out)
+    return out

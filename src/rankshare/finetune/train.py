@@ -1,0 +1,239 @@
+"""One fine-tuning run: build the adapter, train with checkpoints, evaluate, save; and its resumption.
+
+The data order is a function of the seed and the step, and checkpoints hold the trainable tensors, the
+optimiser, the schedule and the random state, so a resumed run ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import rankshare as rs
+
+from ..errors import RankshareError
+from ..mixture import MixtureLayer
+from .data import DataSplits, Example
+from .objectives import Objective
+
+LEARNING_RATES = {"lora": 1e-3, "lotr": 3e-3, "mor": 1e-3, "moelora": 1e-3}  # per-method defaults (see --help)
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Settings:
+    """Everything that decides a run's result."""
+
+    method: str
+    rank: int
+    alpha: float | None = None
+    num_experts: int = 8
+    target_modules: list[str] = field(default_factory=list)
+    share: str = "by_name"
+    init: str = "random"
+    freeze_factors: bool = False
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float | None = None
+    batch_size: int = 32
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else LEARNING_RATES[self.method]
+
+    def adapter_config(self) -> rs.AdapterConfig:
+        common = {"rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules}
+        if self.method == "lotr":
+            return rs.LotrConfig(**common, share=self.share, init=self.init, freeze_factors=self.freeze_factors)
+        if self.method == "mor":
+            return rs.MorConfig(**common, num_experts=self.num_experts)
+        return rs.MoeLoraConfig(**common, num_experts=self.num_experts)
+
+
+def attach_adapter(model: nn.Module, settings: Settings, heads: list[str]) -> nn.Module:
+    """Our adapters through ``rs.adapt``; LoRA through PEFT itself, the baseline users know."""
+    torch.manual_seed(settings.seed)
+    if settings.method == "lora":
+        import peft
+
+        alpha = settings.alpha if settings.alpha is not None else settings.rank
+        config = peft.LoraConfig(r=settings.rank, lora_alpha=alpha, lora_dropout=0.0,
+                                 target_modules=settings.target_modules, modules_to_save=heads or None)
+        return peft.get_peft_model(model, config)
+    return rs.adapt(model, settings.adapter_config(), modules_to_save=heads)
+
+
+def parameter_counts(model: nn.Module, heads: list[str]) -> dict[str, int]:
+    """Trainable parameters of the adapter and of the head, apart."""
+    trainable = {id(p): p for p in model.parameters() if p.requires_grad}
+    head_ids = {id(p) for name, module in model.named_modules() if name.split(".")[-1] in heads for p in module.parameters()}
+    head = sum(p.numel() for i, p in trainable.items() if i in head_ids)
+    return {"adapter": sum(p.numel() for p in trainable.values()) - head, "head": head}
+
+
+def batch_order(num_examples: int, settings: Settings) -> list[list[int]]:
+    """Every step's example indices: a fresh seeded permutation per epoch, cut at max_steps."""
+    steps = []
+    for epoch in range(settings.epochs):
+        permutation = torch.randperm(num_examples, generator=torch.Generator().manual_seed(settings.seed * 10_007 + epoch))
+        steps += [permutation[i : i + settings.batch_size].tolist() for i in range(0, num_examples, settings.batch_size)]
+    return steps[: settings.max_steps] if settings.max_steps else steps
+
+
+def train(model: nn.Module, objective: Objective, examples: list[Example], settings: Settings, device,
+          checkpoint_dir: Path, quiet: bool = False, stop_after: int | None = None) -> dict:
+    """Train in place; resumes from ``checkpoint_dir`` if it holds a checkpoint. Returns timing figures."""
+    order = batch_order(len(examples), settings)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    warmup = max(1, round(0.06 * len(order)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: min((step + 1) / warmup, max(0.0, (len(order) - step) / max(1, len(order) - warmup)))
+    )
+    start, step_seconds = _resume(model, optimiser, schedule, checkpoint_dir)
+    model.train()
+    bar = tqdm(total=len(order), initial=start, desc=f"train {settings.method}", disable=quiet, unit="step", dynamic_ncols=True)
+    began = time.perf_counter()
+    for step in range(start, len(order)):
+        tick = time.perf_counter()
+        batch = objective.batch([examples[i] for i in order[step]], device)
+        loss = objective.loss(model, batch)
+        if not torch.isfinite(loss):
+            raise RankshareError(f"The loss became {loss.item()} at step {step}; lower --lr and try again.")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimiser.step()
+        schedule.step()
+        optimiser.zero_grad(set_to_none=True)
+        step_seconds.append(time.perf_counter() - tick)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update()
+        done = step + 1
+        if done % settings.checkpoint_every == 0 or done == len(order):
+            _save_checkpoint(model, optimiser, schedule, done, step_seconds, checkpoint_dir)
+        if stop_after is not None and done >= stop_after:
+            break
+    bar.close()
+    model.eval()
+    return {
+        "steps": len(order),
+        "train_seconds": sum(step_seconds),
+        "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
+        "wall_seconds_this_process": time.perf_counter() - began,
+    }
+
+
+def _trainable_state(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(model, optimiser, schedule, step, step_seconds, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "trainable": {k: v.detach().cpu() for k, v in _trainable_state(model).items()},
+        "optimiser": optimiser.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": torch.get_rng_state(),
+        "step_seconds": torch.tensor(step_seconds, dtype=torch.float64),
+    }
+    temporary = directory / f".{CHECKPOINT}.tmp"
+    torch.save(state, temporary)
+    os.replace(temporary, directory / CHECKPOINT)
+
+
+def _resume(model, optimiser, schedule, directory: Path) -> tuple[int, list[float]]:
+    path = directory / CHECKPOINT
+    if not path.is_file():
+        return 0, []
+    state = torch.load(path, weights_only=True)  # tensors and numbers only: no code is unpickled
+    params = _trainable_state(model)
+    if set(state["trainable"]) != set(params):
+        raise RankshareError(f"{path} does not match this run's adapter; start a new run with another --out.")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["trainable"][name])
+    optimiser.load_state_dict(state["optimiser"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], state["step_seconds"].tolist()
+
+
+class RouterTracker:
+    """Mean gate per expert for each task, over layers and the tokens of the examples (padding excluded)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, MixtureLayer)]
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, float] = {}
+        self.current: tuple[torch.Tensor, list[str]] | None = None
+        self.handles = [layer.register_forward_pre_hook(self._record) for layer in self.layers]
+
+    def observe(self, attention_mask: torch.Tensor, tasks: list[str]) -> None:
+        self.current = (attention_mask.float(), tasks)
+
+    def _record(self, layer, args) -> None:
+        if self.current is None:
+            return
+        mask, tasks = self.current
+        gates = layer.router_probs(args[0]).detach()  # (B, T, N)
+        weighted = (gates * mask.unsqueeze(-1)).sum(1)  # (B, N)
+        for row, task in enumerate(tasks):
+            self.sums[task] = self.sums.get(task, 0) + weighted[row].cpu()
+            self.counts[task] = self.counts.get(task, 0) + mask[row].sum().item()
+
+    def means(self) -> dict[str, list[float]]:
+        return {task: (self.sums[task] / self.counts[task]).tolist() for task in sorted(self.sums)}
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def evaluate(model, objective: Objective, splits: DataSplits, batch_size: int, device, quiet: bool) -> dict:
+    model.eval()
+    tracker = RouterTracker(model)
+    results = {}
+    objective.observer = tracker.observe
+    try:
+        for split in ("validation", "test"):
+            examples = getattr(splits, split)
+            with tqdm(total=len(examples), desc=f"eval {split}", disable=quiet, unit="ex", dynamic_ncols=True) as bar:
+                results[split] = objective.evaluate(model, examples, batch_size, device, progress=bar.update)
+    finally:
+        objective.observer = None
+        tracker.close()
+    router = tracker.means() if tracker.layers else None
+    return {"metrics": results, "router": router}
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory: CUDA's allocator peak on a GPU; on CPU the process's peak resident set (all it ran)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"rankshare": rs.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "threads": str(torch.get_num_threads())}
+
+
+def settings_dict(settings: Settings) -> dict:
+    return {**asdict(settings), "learning_rate": settings.learning_rate}
+

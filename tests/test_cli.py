@@ -1,0 +1,209 @@
+"""The `rankshare` command line, end to end on tiny local models and small data files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+import rankshare as rs
+from rankshare.finetune.cli import main
+from rankshare.finetune.models import resolve_model
+
+WORDS = {
+    "sports": "match goal team score win league player coach season",
+    "finance": "market stock bank profit share price trade fund rate",
+    "weather": "rain storm wind cloud sun snow cold heat forecast",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT with MiniLM's tokenizer, saved as a local model folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model("minilm").path).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def topics_csv(tmp_path_factory) -> Path:
+    """Three separable topics, 60 distinct texts each."""
+    path = tmp_path_factory.mktemp("data") / "topics.csv"
+    generator = torch.Generator().manual_seed(0)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["body", "topic"])
+        for topic, words in WORDS.items():
+            vocabulary = words.split()
+            for i in range(60):
+                picks = torch.randint(0, len(vocabulary), (8,), generator=generator).tolist()
+                writer.writerow([f"{' '.join(vocabulary[p] for p in picks)} {i}", topic])
+    return path
+
+
+def cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def common(model: Path, data: Path) -> list:
+    return ["--model", model, "--data", data, "--text-column", "body", "--label-column", "topic",
+            "--max-length", 16, "--batch-size", 8, "--quiet"]
+
+
+def test_train_writes_adapter_metrics_report_and_plot(tiny_bert, topics_csv, tmp_path):
+    out = tmp_path / "run"
+    assert cli("train", "--method", "lotr", "--rank", 4, "--epochs", 2, "--lr", 1e-2, *common(tiny_bert, topics_csv), "--out", out) == 0
+    assert {"adapter", "metrics.json", "report.md", "accuracy_vs_params.png", "run.json", "command.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "checkpoint.pt").exists()  # removed once the run finished
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["method"] == "lotr" and record["rank"] == 4
+    # 2 layers of query and value (32×32), one group per projection: 2 (4·64 + 2·16); head 32·3 + 3.
+    assert record["trainable_parameters"] == {"adapter": 2 * (4 * 64 + 2 * 16), "head": 99}
+    assert record["steps"] == 2 * 18  # 144 training examples / 8, two epochs
+    test = record["metrics"]["test"]["topics"]
+    assert test["examples"] == 18 and 0 <= test["accuracy"] <= 1
+    assert record["median_step_seconds"] > 0 and record["peak_memory_mb"] > 0
+    assert set(record["versions"]) >= {"rankshare", "torch", "transformers", "peft"}
+
+
+def test_compare_at_a_budget_reports_every_method(tiny_bert, topics_csv, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = cli("compare", "--budget", 1500, "--num-experts", 2, "--max-steps", 3, *common(tiny_bert, topics_csv), "--out", out)
+    assert code == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    methods = [run["method"] for run in summary["runs"]]
+    assert methods == ["lora", "lotr", "mor", "moelora"]
+    for run in summary["runs"]:
+        assert abs(run["trainable_parameters"]["adapter"] - 1500) <= 750
+        assert run["steps"] == 3 and run["plan"].startswith(f"rank {run['rank']}")
+        assert (out / run["method"] / "adapter").is_dir()
+    mor = summary["runs"][2]
+    assert len(mor["router"]["topics"]) == 2 and abs(sum(mor["router"]["topics"]) - 1) < 1e-5
+    assert (out / "router.png").is_file() and (out / "accuracy_vs_params.png").is_file()
+    report = (out / "report.md").read_text()
+    assert all(name in report for name in ("LoRA", "LoTR", "MoR", "MoE-LoRA"))
+    printed = capsys.readouterr().out
+    assert "| method |" in printed  # the table is printed too
+    # resuming a finished comparison trains nothing and reports the same runs
+    assert cli("compare", "--resume", out, "--quiet") == 0
+    assert [r["metrics"] for r in json.loads((out / "metrics.json").read_text())["runs"]] == [r["metrics"] for r in summary["runs"]]
+
+
+def test_eval_reproduces_the_recorded_test_metrics(tiny_bert, topics_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("train", "--method", "mor", "--rank", 2, "--num-experts", 3, "--max-steps", 4, *common(tiny_bert, topics_csv), "--out", out) == 0
+    capsys.readouterr()
+    assert cli("eval", "--adapter", out, "--quiet") == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    recorded = json.loads((out / "metrics.json").read_text())
+    assert evaluated["metrics"]["test"] == recorded["metrics"]["test"]
+    assert evaluated["router"]["topics"] == pytest.approx(recorded["router"]["topics"])
+
+
+@pytest.mark.parametrize("method", ["lotr", "lora"])
+def test_merge_writes_a_plain_model_with_the_same_outputs(tiny_bert, topics_csv, tmp_path, method):
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    assert cli("train", "--method", method, "--rank", 2, "--max-steps", 4, "--lr", 5e-2, *common(tiny_bert, topics_csv), "--out", out) == 0
+    assert cli("merge", "--adapter", out, "--out", merged) == 0
+    from rankshare.finetune.runs import load_trained
+
+    adapted, *_ = load_trained(out, "cpu")
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert not any(isinstance(m, rs.AdapterLayer) for m in plain.modules())
+    ids = torch.randint(0, 30000, (3, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    original = BertForSequenceClassification.from_pretrained(tiny_bert)
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(plain.state_dict()[query], original.state_dict()[query], atol=1e-4)  # the update is in W
+
+
+def test_merge_mor_needs_gates(tiny_bert, topics_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("train", "--method", "mor", "--rank", 2, "--num-experts", 2, "--max-steps", 2, *common(tiny_bert, topics_csv), "--out", out) == 0
+    capsys.readouterr()
+    assert cli("merge", "--adapter", out, "--out", tmp_path / "m1") == 2
+    assert "--gates" in capsys.readouterr().err
+    assert cli("merge", "--adapter", out, "--out", tmp_path / "m2", "--gates", "topics") == 0
+    assert cli("merge", "--adapter", out, "--out", tmp_path / "m3", "--gates", "0.5,0.5") == 0
+    assert (tmp_path / "m3" / "config.json").is_file()
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_bert, topics_csv, tmp_path):
+    """Stop after 5 of 12 steps (a checkpoint every 2), resume in a new workspace: same adapter as straight through."""
+    from rankshare.finetune.runs import Job, Workspace, run_method
+
+    settings = {"epochs": 1, "max_steps": None, "lr": 1e-2, "batch_size": 8, "seed": 3, "checkpoint_every": 2,
+                "alpha": None, "num_experts": 2, "share": "by_name", "init": "random", "freeze_factors": False}
+    job = Job(methods=["mor"], model=str(tiny_bert), data=str(topics_csv), text_column="body", label_column="topic",
+              max_train=96, max_eval=12, max_length=16, settings=settings)
+    straight = run_method(Workspace(job, quiet=True), "mor", 2, tmp_path / "straight")
+    assert run_method(Workspace(job, quiet=True), "mor", 2, tmp_path / "broken", stop_after=5) == {}
+    assert (tmp_path / "broken" / "checkpoint.pt").is_file()
+    resumed = run_method(Workspace(job, quiet=True), "mor", 2, tmp_path / "broken")
+    assert resumed["metrics"] == straight["metrics"]
+    from safetensors.torch import load_file  # the saved adapters are identical tensors
+
+    first, second = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("straight", "broken"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+BAD_INPUTS = [
+    (["train", "--model", "/no/such/model"], "no such folder"),
+    (["train", "--data", "/no/such/file.csv"], "No such file"),
+    (["train", "--method", "dora"], "invalid choice"),
+    (["train", "--rank", "0"], "must be >= 1"),
+    (["compare", "--budget", "3"], "No method can come within"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "rankshare.finetune.cli", *args, "--out", str(tmp_path / "o"), "--quiet"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def _bad_file(tmp_path: Path, name: str, rows: list[list[str]]) -> Path:
+    path = tmp_path / name
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([["text", "stars"], ["good", "5"], ["bad", "1"]], "label"),  # no 'topic' column
+        ([["body", "topic"]], "no"),  # empty
+        ([["body", "topic"]] + [[f"text {i}", "only"] for i in range(30)], "only one label"),
+    ],
+)
+def test_bad_data_files(tiny_bert, tmp_path, capsys, rows, message):
+    path = _bad_file(tmp_path, "bad.csv", rows)
+    assert cli("train", *common(tiny_bert, path), "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err.lower(), err
+
+
+def test_existing_out_is_never_overwritten(tiny_bert, topics_csv, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"precious": true}')
+    assert cli("train", *common(tiny_bert, topics_csv), "--out", out) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == '{"precious": true}'

@@ -23,5 +23,10 @@ install: $(INSTALLED)
 test: install
 	$(BIN)/python -m pytest
 
+# The main job on its embedded defaults: MiniLM on news+sentiment, LoRA, LoTR, MoR and MoE-LoRA at one
+# budget; results land in runs/<time>-compare/.
+demo: install
+	$(BIN)/rankshare compare
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

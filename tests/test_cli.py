@@ -207,3 +207,41 @@ def test_existing_out_is_never_overwritten(tiny_bert, topics_csv, tmp_path, caps
     assert cli("train", *common(tiny_bert, topics_csv), "--out", out) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "metrics.json").read_text() == '{"precious": true}'
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer LLaMA causal LM (a local folder), with MiniLM's word pieces as its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm").path)
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_causal_lm_learns_text_to_label(tiny_llama, topics_csv, tmp_path):
+    """A causal LM generates label names; 3 separable topics are learnt well above chance (1/3)."""
+    out = tmp_path / "t2l"
+    args = common(tiny_llama, topics_csv)
+    args[args.index("--max-length") + 1] = 24
+    assert cli("train", "--method", "lotr", "--rank", 8, "--epochs", 3, "--lr", 3e-2, *args, "--out", out) == 0
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["config"]["objective"] == "text_to_label"
+    assert record["trainable_parameters"]["head"] == 0
+    assert record["metrics"]["test"]["topics"]["accuracy"] > 0.6
+
+
+def test_language_modelling_reports_perplexity(tiny_llama, topics_csv, tmp_path):
+    out = tmp_path / "lm"
+    assert cli("train", "--method", "mor", "--rank", 2, "--num-experts", 2, "--objective", "lm", "--max-steps", 4,
+               *common(tiny_llama, topics_csv), "--out", out) == 0
+    test = json.loads((out / "metrics.json").read_text())["metrics"]["test"]
+    assert test["topics"]["perplexity"] == pytest.approx(2.718281828 ** test["topics"]["loss"])
+    assert 1 < test["topics"]["perplexity"] < 30522 * 2  # near or below uniform over the vocabulary
+    assert (out / "report.md").read_text().count("perplexity") >= 1

@@ -12,7 +12,7 @@ def test_only_adapters_and_saved_modules_change(adapted, family):
     trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
     optimiser = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
     adapted.train()
-    for step in range(3):
+    for _ in range(3):
         loss = run(adapted, family.inputs()).pow(2).mean()
         loss.backward()
         optimiser.step()

@@ -9,7 +9,8 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, fields
+import warnings
+from dataclasses import fields
 from pathlib import Path
 
 from ..errors import RankshareError
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _job_from_args(args) -> "Job":
+def _job_from_args(args):
     from .runs import Job
 
     names = {f.name for f in fields(Settings)} - {"method", "rank", "target_modules"}
@@ -172,7 +173,9 @@ def _run_training(args) -> None:
         job = _job_from_args(args)
         name = job.methods[0] if args.command == "train" else "compare"
         out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
-    say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
+    def say(text: str) -> None:  # the budget plan is a result, shown even with --quiet
+        print(text, file=sys.stderr)
+
     try:
         records = run_job(job, out, args.quiet, say, overwrite=args.overwrite, resuming=args.resume is not None)
     except KeyboardInterrupt:
@@ -192,6 +195,8 @@ def _gates(text: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # PEFT still asks transformers an old question; the answer is right and the warning is noise to users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         args = build_parser().parse_args(argv)
         if args.command in ("train", "compare"):

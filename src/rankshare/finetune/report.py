@@ -47,7 +47,7 @@ def write_report(out_dir: Path, runs: list[dict]) -> list[Path]:
     if any(run.get("router") for run in runs):
         images[ROUTER_PLOT_NAME] = _router_figure([run for run in runs if run.get("router")])
     for name, figure in images.items():
-        _write_atomically(out_dir / name, lambda path: figure.savefig(path, format="png", dpi=120))
+        _write_atomically(out_dir / name, lambda path, figure=figure: figure.savefig(path, format="png", dpi=120))
     report = out_dir / REPORT_NAME
     text = _report_markdown(runs, split, scores, list(images))
     _write_atomically(report, lambda path: path.write_text(text, encoding="utf-8"))

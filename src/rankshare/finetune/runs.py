@@ -180,10 +180,10 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
             shutil.rmtree(out)
         out.mkdir(parents=True)
         write_json(out / "command.json", asdict(job))
-    for method, (rank, note) in ranks.items():
+    for method, (_, note) in ranks.items():
         say(f"{method}: {note}")
     records = []
-    for method, (rank, note) in ranks.items():
+    for method, (rank, _) in ranks.items():
         if rank is None:
             continue
         folder = out if len(job.methods) == 1 else out / method
@@ -232,8 +232,9 @@ def load_trained(directory: Path, device: str = "auto"):
 def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "auto") -> dict:
     model, run, tokenizer, _ = load_trained(directory, device)
     job = run["job"]
+    # The run's seed and caps give the run's own validation and test examples when the data is the same.
     splits = load_data(data or job["data"], seed=run["settings"]["seed"], text_column=job["text_column"],
-                       label_column=job["label_column"], max_train=1, max_eval=job["max_eval"])
+                       label_column=job["label_column"], max_train=job["max_train"], max_eval=job["max_eval"])
     for task, labels in splits.tasks.items():
         if run["kind"] != "lm" and run["tasks"].get(task) != labels:
             raise RankshareError(f"Task {task!r} of --data has labels {labels}, the adapter was trained on "

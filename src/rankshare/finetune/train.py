@@ -25,7 +25,9 @@ from ..mixture import MixtureLayer
 from .data import DataSplits, Example
 from .objectives import Objective
 
-LEARNING_RATES = {"lora": 1e-3, "lotr": 3e-3, "mor": 1e-3, "moelora": 1e-3}  # per-method defaults (see --help)
+# Per-method defaults, chosen on the validation split of the demo (MiniLM, news+sentiment, 75 steps, seed 0)
+# from 1e-3, 3e-3 and 1e-2; see the README.
+LEARNING_RATES = {"lora": 3e-3, "lotr": 3e-3, "mor": 3e-3, "moelora": 1e-2}
 CHECKPOINT = "checkpoint.pt"
 
 

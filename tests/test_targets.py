@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rankshare as rs
-from conftest import FAMILIES, base_model, run
+from conftest import FAMILIES, base_model, randomise_adapters, run
 
 
 def test_suffix_and_regex_select_the_same_modules():
@@ -27,6 +27,16 @@ def test_replaced_in_place_with_base_layer_kept():
     assert isinstance(layer, rs.MoeLoraLayer) and layer.base_layer is query
     assert base.get_submodule("bert.encoder.layer.1.attention.self.query") is layer
     assert model.config is base.config  # unknown attributes go to the base model
+
+
+def test_generate_goes_through_the_adapters():
+    family = FAMILIES["llama"]
+    model = rs.adapt(base_model(family), rs.LotrConfig(rank=2, target_modules=["q_proj", "v_proj"]))
+    randomise_adapters(model)
+    prompt = family.inputs()["input_ids"][:1]
+    generated = model.generate(prompt, max_new_tokens=3, do_sample=False)
+    merged = model.merge_and_unload().generate(prompt, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, prompt.shape[1] + 3) and torch.equal(generated, merged)
 
 
 def test_nothing_matched_lists_the_linear_layers():

@@ -88,7 +88,7 @@ class AdapterLayer(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return out
-        adapter_dtype = next(iter(self.adapter_parameters().values())).dtype
+        adapter_dtype = next(iter(self._parameters.values())).dtype  # this layer's own tensors, not the base's
         return out + self.adapter_forward(x.to(adapter_dtype)).to(out.dtype)
 
     @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
 
 import rankshare as rs
-from rankshare.finetune.cli import main
+from rankshare.cli import main
 from rankshare.finetune.models import resolve_model
 
 WORDS = {
@@ -169,7 +169,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("args, message", BAD_INPUTS)
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "rankshare.finetune.cli", *args, "--out", str(tmp_path / "o"), "--quiet"],
+    result = subprocess.run([sys.executable, "-m", "rankshare.cli", *args, "--out", str(tmp_path / "o"), "--quiet"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -5,7 +5,7 @@ The updates of the L layers of one group (e.g. every query projection) form a Tu
 
     ΔW_l = s · U G_l Vᵀ      U: (d_out, r) shared   V: (d_in, r) shared   G_l: (r, r) layer l
 
-    y = W_l x + b + s · U (G_l (Vᵀ x))      # ΔW_l is never formed; the widest activation is n × r
+    y = W_l x + b + U ((s V G_lᵀ)ᵀ x)       # ΔW_l is never formed; the widest activation is n × r
 
 Trainable parameters per group: ``r (d_in + d_out) + L r²`` (only ``L r²`` with ``freeze_factors``).
 
@@ -107,9 +107,9 @@ class LotrLayer(AdapterLayer):
         return [self.group]
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = x @ self.group.right  # (..., r)
-        hidden = hidden @ self.core.T  # (..., r)
-        return self.scale * (hidden @ self.group.left.T)  # (..., d_out)
+        # s · V Gᵀ costs d_in r² and no activation: two token-sized products remain, as in LoRA.
+        right_core = self.group.right @ (self.scale * self.core).T  # (d_in, r)
+        return (x @ right_core) @ self.group.left.T  # (..., r) -> (..., d_out)
 
     def delta_weight(self, gates: torch.Tensor | None = None) -> torch.Tensor:
         if gates is not None:

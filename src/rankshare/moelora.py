@@ -37,8 +37,8 @@ class MoeLoraLayer(MixtureLayer):
         num_experts, rank, _ = self.lora_A.shape
         hidden = x @ self.lora_A.reshape(num_experts * rank, -1).T  # (..., N r)
         gated = self.router_probs(x).unsqueeze(-1) * hidden.unflatten(-1, (num_experts, rank))  # (..., N, r)
-        experts_up = self.lora_B.transpose(1, 2).reshape(num_experts * rank, -1)  # (N r, d_out)
-        return self.scale * (gated.flatten(-2) @ experts_up)  # (..., d_out)
+        experts_up = (self.scale * self.lora_B).transpose(1, 2).reshape(num_experts * rank, -1)  # s · (N r, d_out)
+        return gated.flatten(-2) @ experts_up  # (..., d_out)
 
     def expert_delta_weights(self) -> torch.Tensor:
         return self.scale * self.lora_B @ self.lora_A

@@ -43,8 +43,9 @@ class MorLayer(MixtureLayer):
         num_experts, rank = self.scale_in.shape
         hidden = x @ self.lora_A.T  # (..., r)
         gated = self.router_probs(x).unsqueeze(-1) * (hidden.unsqueeze(-2) * self.scale_in)  # (..., N, r)
-        experts_out = (self.lora_B.T * self.scale_out.unsqueeze(1)).reshape(num_experts * rank, -1)  # (N r, d_out)
-        return self.scale * (gated.flatten(-2) @ experts_out)  # (..., d_out)
+        # s · [diag(b_1) B, …, diag(b_N) B]ᵀ, from weights only (s folded in here, not into an n × d_out product)
+        experts_out = (self.lora_B.T * (self.scale * self.scale_out).unsqueeze(1)).reshape(num_experts * rank, -1)
+        return gated.flatten(-2) @ experts_out  # (..., N r) @ (N r, d_out)
 
     def expert_delta_weights(self) -> torch.Tensor:
         return self.scale * torch.einsum("io,ok,ik,kd->iod", self.scale_out, self.lora_B, self.scale_in, self.lora_A)

@@ -1,0 +1,105 @@
+"""``rankshare bench``: what LoTR, MoR and MoE-LoRA cost next to PEFT's LoRA and the frozen base, in one run.
+
+Every variant of a model shares that model's frozen weights and is measured in the same process, round
+after round in rotating order, so that ratios between variants are fair even on a busy machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..finetune.budget import adapter_parameters
+from .measure import adapter_file, forward, interleaved_times, merged_inference, train_step, training_memory
+from .report import write_bench_report
+from .setups import Setup, build_variants, packaged_setup, synthetic_setup
+
+RANK, NUM_EXPERTS = 8, 8
+
+
+def setups(full: bool):
+    """Models in the order they are measured (built one at a time, so only one is in memory)."""
+    yield lambda: packaged_setup("minilm", batch=32, length=64)
+    if full:
+        yield lambda: packaged_setup("smollm2", batch=8, length=64)
+        for hidden, layers in ((1024, 12), (1024, 24), (2048, 12)):
+            yield lambda hidden=hidden, layers=layers: synthetic_setup(hidden, layers, batch=2, length=64)
+
+
+def bench_setup(setup: Setup, repeats: int, warmup: int, full: bool, say) -> dict:
+    variants = build_variants(setup, RANK, NUM_EXPERTS, full)
+    inputs = setup.inputs()
+    say(f"{setup.description}: {len(variants)} variants, batch {setup.batch} × {setup.length} tokens")
+    step = interleaved_times({v.name: (lambda v=v: train_step(v, inputs)) for v in variants}, repeats, warmup)
+    for variant in variants:
+        variant.model.eval()
+    fwd = interleaved_times({v.name: (lambda v=v: forward(v.model, inputs)) for v in variants}, repeats, warmup)
+    for variant in variants:
+        variant.model.train()
+    records = []
+    for variant in variants:
+        records.append({
+            "name": variant.name,
+            "adapter_parameters": variant.adapter_parameters,
+            "trainable_parameters": sum(p.numel() for p in variant.trainable),
+            "step": step[variant.name],
+            "forward": fwd[variant.name],
+            "memory": training_memory(variant, inputs),
+            "file": adapter_file(variant),
+        })
+    result = {"name": setup.name, "description": setup.description, "batch": setup.batch, "length": setup.length,
+              "rank": RANK, "num_experts": NUM_EXPERTS, "variants": records}
+    if sum(p.numel() for p in setup.model.parameters()) < 500_000_000:
+        by_name = {v.name: v for v in variants}
+        result["merged_inference"] = merged_inference(setup, by_name[f"LoTR r={RANK}"],
+                                                      by_name[f"MoR N={NUM_EXPERTS} r={RANK}"], inputs, repeats, warmup)
+    return result
+
+
+def parameter_scaling() -> list[dict]:
+    """Trainable parameters of LoRA and LoTR (r = 8, q and v, one U, V per projection) as d and L grow."""
+    rows = []
+    for hidden in (384, 768, 1024, 2048, 4096):
+        for layers in (6, 12, 24, 32, 48):
+            shapes = {f"layers.{i}.{p}": (hidden, hidden) for i in range(layers) for p in ("q_proj", "v_proj")}
+            lora = adapter_parameters("lora", shapes, RANK)
+            lotr = adapter_parameters("lotr", shapes, RANK)
+            rows.append({"d": hidden, "L": layers, "lora": lora, "lotr": lotr, "lotr_over_lora": lotr / lora})
+    return rows
+
+
+def run_bench(out: Path, full: bool, repeats: int, warmup: int = 2, say=print, quiet: bool = False) -> dict:
+    import peft
+    import transformers
+
+    from .. import __version__
+
+    started = time.perf_counter()
+    results = []
+    for make in tqdm(list(setups(full)), desc="models", disable=quiet):
+        setup = make()
+        results.append(bench_setup(setup, repeats, warmup, full, say))
+        del setup
+    bench = {
+        "mode": "full" if full else "quick",
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "device": "cpu", "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "versions": {"rankshare": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "python": platform.python_version()},
+        "repeats": repeats,
+        "warmup": warmup,
+        "setups": results,
+        "parameter_scaling": parameter_scaling(),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(bench, indent=2) + "\n")
+    write_bench_report(out, bench)
+    return bench

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import RankshareError
+
+# Far beyond any layer width; a larger rank would overflow float(rank) and alpha / rank.
+LARGEST_SIZE = 2**31 - 1
 
 
 @dataclass
@@ -29,7 +33,7 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
-        if self.alpha is None and _is_int(self.rank):
+        if self.alpha is None and _is_int(self.rank) and 1 <= self.rank <= LARGEST_SIZE:
             self.alpha = float(self.rank)
         self.validate()
 
@@ -39,12 +43,19 @@ class AdapterConfig:
 
     def validate(self) -> None:
         check_positive_int(self, "rank")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+        if not _is_finite_number(self.alpha):
             raise RankshareError(f"{type(self).__name__}: alpha must be a finite number, got {self.alpha!r}.")
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
                 raise RankshareError(f"{type(self).__name__}: target_modules is an empty string; give module names.")
+            try:
+                re.compile(targets)
+            except re.error as error:
+                raise RankshareError(
+                    f"{type(self).__name__}: target_modules {targets!r} is not a valid regular expression ({error}); "
+                    "fix it, or give a list of module names instead."
+                ) from None
         elif not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
             raise RankshareError(
                 f"{type(self).__name__}: target_modules must be a non-empty list of module names "
@@ -56,17 +67,19 @@ class AdapterConfig:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> AdapterConfig:
-        """Rebuild a config saved by ``to_dict``; unknown methods or fields are errors."""
+        """Rebuild a config saved by ``to_dict``; unknown methods or fields and values of the wrong type are errors."""
         if not isinstance(data, dict):
             raise RankshareError(f"An adapter config must be a JSON object, got {type(data).__name__}.")
         fields = dict(data)
-        method = fields.pop("method", None)
         known = {cls.method: cls for cls in _all_config_classes() if cls.method}
-        if method not in known:
+        if "method" not in fields:
+            raise RankshareError(f"The adapter config has no 'method'; give one of {sorted(known)}.")
+        method = fields.pop("method")
+        if not isinstance(method, str) or method not in known:
             raise RankshareError(f"Unknown adapter method {method!r}; rankshare knows {sorted(known)}.")
         cls = known[method]
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields) - names)
+        unknown = sorted(set(fields) - names, key=str)  # keys of a dict built in Python need not be strings
         if unknown:
             raise RankshareError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(names)}.")
         return cls(**fields)
@@ -85,10 +98,21 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range, which alpha / rank could not use
+        return False
+
+
 def check_positive_int(config: AdapterConfig, name: str) -> None:
     value = getattr(config, name)
     if not _is_int(value) or value < 1:
         raise RankshareError(f"{type(config).__name__}: {name} must be an integer >= 1, got {value!r}.")
+    if value > LARGEST_SIZE:
+        raise RankshareError(f"{type(config).__name__}: {name} = {value} is too large; use at most {LARGEST_SIZE}.")
 
 
 def check_choice(config: AdapterConfig, name: str, choices: tuple[str, ...]) -> None:

@@ -92,13 +92,28 @@ class AdapterLayer(nn.Module):
         return out + self.adapter_forward(x.to(adapter_dtype)).to(out.dtype)
 
     @torch.no_grad()
-    def merge(self, gates: torch.Tensor | None = None) -> None:
-        """Fold ``s · ΔW`` into the base weight, in place."""
+    def merge(self, gates: torch.Tensor | None = None, safe: bool = False) -> None:
+        """Fold ``s · ΔW`` into the base weight, in place.
+
+        ``safe=True`` forms the merged weight aside first and refuses, leaving the weight untouched, if it
+        holds NaN or inf: a diverged adapter, or an update that overflows the base weight's dtype.
+        """
         if self.merged:
             warnings.warn("This adapter layer is already merged; nothing to do.", stacklevel=2)
             return
         weight = dense_weight(self.base_layer)
-        weight += self.delta_weight(gates).to(weight)
+        delta = self.delta_weight(gates).to(weight)
+        if safe:
+            merged = weight + delta
+            if not torch.isfinite(merged).all():
+                raise RankshareError(
+                    f"Merging this {self.out_features}×{self.in_features} adapter layer would put NaN or inf into its "
+                    f"{weight.dtype} base weight (the update s·ΔW is not finite, or overflows {weight.dtype}); the "
+                    "weight is unchanged. Retrain or reload a finite adapter, or merge into a wider dtype."
+                )
+            weight.copy_(merged)
+        else:
+            weight += delta
         self.merged, self._merged_gates = True, gates
 
     @torch.no_grad()

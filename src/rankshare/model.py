@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import RankshareError
-from .layer import AdapterLayer
+from .layer import AdapterLayer, dense_weight
 from .targets import find_targets, matches
 
 
@@ -111,25 +111,42 @@ class AdaptedModel(nn.Module):
 
     # -- merging ------------------------------------------------------------------------------------------
 
-    def merge(self, gates: torch.Tensor | list[float] | None = None) -> None:
+    def merge(self, gates: torch.Tensor | list[float] | None = None, safe: bool = False) -> None:
         """Fold every update into its base weight (in place, reversible by ``unmerge``).
 
         Mixture methods (MoR, MoE-LoRA) merge only with ``gates``: one weight per expert, used in every layer.
+        ``safe=True`` checks every layer before changing any: if one would put NaN or inf into its base weight,
+        RankshareError names it and all weights are left exactly as they were.
         """
-        for layer in self.adapter_layers().values():
+        self._merge(self.adapter_layers(), gates, safe)
+
+    def _merge(self, layers: dict[str, AdapterLayer], gates, safe: bool) -> None:
+        if safe:
+            # All checks come first: undoing a merge by subtraction would not restore the weights bit for bit.
+            for name, layer in layers.items():
+                if not layer.merged:
+                    _refuse_non_finite_merge(name, layer, gates)
+        for layer in layers.values():
             layer.merge(gates)
 
     def unmerge(self) -> None:
         for layer in self.adapter_layers().values():
             layer.unmerge()
 
-    def merge_and_unload(self, gates: torch.Tensor | list[float] | None = None) -> nn.Module:
-        """Merge, then put each base layer back in place of its adapter layer; returns the base model."""
-        layers = self.adapter_layers()
-        for layer in layers.values():
-            if not layer.merged:
-                layer.merge(gates)
-        for name, layer in layers.items():
+    def merge_and_unload(self, gates: torch.Tensor | list[float] | None = None, safe: bool = False) -> nn.Module:
+        """Merge (``safe`` as in ``merge``), then put each base layer back in place of its adapter layer.
+
+        Returns the base model; if a safe merge refuses, the model stays adapted and unmerged.
+        """
+        self._merge({name: layer for name, layer in self.adapter_layers().items() if not layer.merged}, gates, safe)
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Put each base layer back in place of its adapter layer, as it is now; returns the base model.
+
+        Layers not merged come back with their original weights, so this also takes an adapter out unused.
+        """
+        for name, layer in self.adapter_layers().items():
             parent_name, _, child = name.rpartition(".")
             setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
         self.adapter_names = []
@@ -138,7 +155,11 @@ class AdaptedModel(nn.Module):
     # -- persistence --------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only)."""
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only).
+
+        Both files replace any earlier ones only once both are written in full; an adapter holding NaN or inf
+        is refused rather than saved over a good one.
+        """
         from .persistence import save_adapter
 
         save_adapter(self, Path(directory))
@@ -147,8 +168,21 @@ class AdaptedModel(nn.Module):
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path, is_trainable: bool = False) -> AdaptedModel:
         """Adapt ``base_model`` as recorded in ``directory`` and load the saved tensors.
 
-        The adapter is frozen for inference unless ``is_trainable``.
+        The adapter is frozen for inference unless ``is_trainable``. Files that do not fit each other or
+        ``base_model`` raise RankshareError and leave ``base_model`` as it was.
         """
         from .persistence import load_adapter
 
         return load_adapter(base_model, Path(directory), is_trainable)
+
+
+@torch.no_grad()
+def _refuse_non_finite_merge(name: str, layer: AdapterLayer, gates) -> None:
+    """Raise, naming the layer, if merging it would put NaN or inf into its base weight; changes nothing."""
+    weight = dense_weight(layer.base_layer)
+    if not torch.isfinite(weight + layer.delta_weight(gates).to(weight)).all():
+        raise RankshareError(
+            f"Merging adapter layer {name!r} would put NaN or inf into its {weight.dtype} base weight (its update "
+            f"s·ΔW is not finite, or overflows {weight.dtype}); no weight was changed. Retrain or reload a finite "
+            "adapter, or merge into a wider dtype."
+        )

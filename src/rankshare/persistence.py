@@ -1,23 +1,34 @@
 """Adapter files: ``adapter_config.json`` (JSON) and ``adapter_model.safetensors`` (tensors); never pickle.
 
 The tensor file holds only what the adapter adds (each shared factor once) and the modules saved whole,
-so it is about 4 bytes per adapter parameter in float32. Each file is written beside its target and
-renamed over it, so an interrupted save leaves the previous file whole.
+so it is about 4 bytes per adapter parameter in float32.
+
+The two files are one adapter and are checked as a pair: the config records the sha256 of the tensor file
+(``weights_sha256``) and of its own content (``config_sha256``), and loading refuses files whose sums do not
+match — damage on disk, a tensor file from another save, a hand edit — before it changes the base model.
+
+Saving writes both new files beside the old ones, in full and synced to disk, and only then renames them
+over the old ones, weights first. A save killed before the renames leaves the old adapter whole (and stray
+hidden ``.tmp`` files); one killed between the two renames leaves the new weights beside the old config,
+a pair that loading refuses by its checksum instead of combining.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import reprlib
+import secrets
 from pathlib import Path
 
 import safetensors.torch
+import torch
 from torch import nn
 
 from .config import AdapterConfig
 from .errors import RankshareError
-from .layer import linear_shape
+from .layer import AdapterLayer, is_supported, linear_shape
 from .model import AdaptedModel, adapt
 
 CONFIG_NAME = "adapter_config.json"
@@ -27,8 +38,14 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 def save_adapter(model: AdaptedModel, directory: Path) -> None:
     from . import __version__
 
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {key: t.detach().contiguous() for key, t in model.adapter_state_dict().items()}
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RankshareError(
+                f"Tensor {key!r} holds NaN or inf, so the adapter was not saved (an earlier save in {directory} is "
+                "kept as it was). Training has probably diverged: lower the learning rate, or save an earlier state."
+            )
+    weights = safetensors.torch.save(tensors)
     record = {
         "method": model.adapter_config.method,
         "config": model.adapter_config.to_dict(),
@@ -40,78 +57,222 @@ def save_adapter(model: AdaptedModel, directory: Path) -> None:
         },
         "modules_to_save": model.modules_to_save,
         "base_model_class": type(model.base_model).__name__,
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
-    _write_atomically(directory / WEIGHTS_NAME, lambda path: safetensors.torch.save_file(tensors, str(path)))
-    _write_atomically(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(record, indent=2) + "\n"))
+    record["config_sha256"] = _record_sha256(record)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Weights first: a crash between the renames then leaves new weights under the old config, which the
+    # old config's weights_sha256 refuses.
+    _replace_together({
+        directory / WEIGHTS_NAME: weights,
+        directory / CONFIG_NAME: (json.dumps(record, indent=2) + "\n").encode("utf-8"),
+    })
 
 
 def load_adapter(base_model: nn.Module, directory: Path, is_trainable: bool) -> AdaptedModel:
-    record = _read_record(directory)
-    config = AdapterConfig.from_dict(record.get("config"))
-    _check_base_model(base_model, record.get("modules", {}))
-    model = adapt(base_model, config, modules_to_save=record.get("modules_to_save") or None)
-    weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise RankshareError(f"{weights_path} is missing; save the adapter again with save_pretrained().")
+    """Check both files and the base model, then adapt it; a refused load leaves ``base_model`` as it came."""
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    record = _read_record(config_path)
     try:
-        tensors = safetensors.torch.load_file(str(weights_path))
-    except Exception as error:  # safetensors raises several types for damaged files
-        raise RankshareError(f"{weights_path} is not a readable safetensors file ({error}); save it again.") from None
-    expected = model.adapter_state_dict()
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise RankshareError(
-            f"{weights_path} does not fit its config: missing tensors {missing[:5]}, unexpected tensors "
-            f"{unexpected[:5]}. The file may come from another adapter; save it again."
-        )
-    for key, target in expected.items():
-        if tensors[key].shape != target.shape:
-            raise RankshareError(
-                f"Tensor {key!r} in {weights_path} has shape {tuple(tensors[key].shape)}, the model expects "
-                f"{tuple(target.shape)}."
-            )
-        target.data.copy_(tensors[key])
+        config = AdapterConfig.from_dict(record["config"])
+    except RankshareError as error:
+        raise RankshareError(f"{config_path}: {error}") from None
+    _check_base_model(base_model, record["modules"], config_path)
+    tensors = _read_tensors(weights_path, record.get("weights_sha256"))
+
+    requires_grad = {parameter: parameter.requires_grad for parameter in base_model.parameters()}
+    model = None
+    try:
+        model = adapt(base_model, config, modules_to_save=record["modules_to_save"] or None)
+        _check_adapted_modules(model, record["modules"], config_path)
+        _copy_tensors(model, tensors, weights_path)
+    except Exception:
+        # Give the caller's model back as it came, so that it can be used, or loaded into, again.
+        if model is not None:
+            model.unload()
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad_(flag)
+        raise
     if not is_trainable:
         model.requires_grad_(False)  # otherwise adapt() has already chosen what trains
     return model
 
 
-def _read_record(directory: Path) -> dict:
-    path = directory / CONFIG_NAME
+def _read_record(path: Path) -> dict:
+    """The parsed config file, its checksum verified and the fields loading relies on checked for type."""
     if not path.is_file():
-        raise RankshareError(f"No {CONFIG_NAME} in {directory}; point to a folder written by save_pretrained().")
+        raise RankshareError(f"No {CONFIG_NAME} in {path.parent}; point to a folder written by save_pretrained().")
     try:
-        record = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # bad UTF-8 and bad JSON are both ValueErrors
         raise RankshareError(f"{path} is not valid JSON ({error}); save the adapter again.") from None
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise RankshareError(f"{path} has no 'config' object; it was not written by rankshare.")
+    # Absent from files saved before rankshare recorded checksums; those load unchecked.
+    recorded = record.get("config_sha256")
+    if recorded is not None and recorded != _record_sha256(record):
+        raise RankshareError(
+            f"{path} does not match its own checksum (config_sha256): it was damaged, or edited by hand. Save the "
+            "adapter again; to load a config you edited on purpose, delete its config_sha256 entry."
+        )
+    modules = record.get("modules")
+    if not isinstance(modules, dict):
+        raise RankshareError(
+            f"{path}: 'modules' must map each adapted module's name to its [d_out, d_in], got "
+            f"{reprlib.repr(modules)}; save the adapter again."
+        )
+    for name, shape in modules.items():
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d >= 1 for d in shape)):
+            raise RankshareError(
+                f"{path} records module {name!r} with shape {reprlib.repr(shape)}; expected [d_out, d_in], two "
+                "positive integers. Save the adapter again."
+            )
+    saved_whole = record["modules_to_save"] = record.get("modules_to_save") or []
+    if not isinstance(saved_whole, list) or not all(isinstance(name, str) and name for name in saved_whole):
+        raise RankshareError(
+            f"{path}: 'modules_to_save' must be a list of module names, got {reprlib.repr(saved_whole)}; save the "
+            "adapter again."
+        )
     return record
 
 
-def _check_base_model(base_model: nn.Module, modules: dict) -> None:
+def _record_sha256(record: dict) -> str:
+    """The sha256 of a record's content, blind to layout and key order, leaving out ``config_sha256`` itself."""
+    content = {key: value for key, value in record.items() if key != "config_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _check_base_model(base_model: nn.Module, modules: dict[str, list[int]], config_path: Path) -> None:
+    if any(isinstance(m, AdapterLayer) for m in base_model.modules()):
+        raise RankshareError(
+            "This model already has rankshare adapters; load the adapter into the original base model."
+        )
     for name, shape in modules.items():
         try:
             module = base_model.get_submodule(name)
         except AttributeError:
             raise RankshareError(
-                f"The adapter was saved for a model with a module {name!r}, which this base model lacks; "
-                "load it into the model it was trained on."
+                f"{config_path} records an adapted module {name!r}, which this base model lacks; load the adapter "
+                "into the model it was trained on."
             ) from None
+        if not is_supported(module):
+            raise RankshareError(
+                f"{config_path} records {name!r} as a linear layer, but in this base model it is a "
+                f"{type(module).__name__}; load the adapter into the model it was trained on."
+            )
         found = list(linear_shape(module))
-        if found != list(shape):
+        if found != shape:
             raise RankshareError(
                 f"Module {name!r} is {found[0]}×{found[1]} (d_out×d_in) here but {shape[0]}×{shape[1]} in the "
-                "saved adapter; load it into the model it was trained on."
+                f"saved adapter ({config_path}); load it into the model it was trained on."
             )
 
 
-def _write_atomically(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+def _check_adapted_modules(model: AdaptedModel, modules: dict[str, list[int]], config_path: Path) -> None:
+    adapted, recorded = set(model.adapter_names), set(modules)
+    if adapted != recorded:
+        raise RankshareError(
+            f"The target_modules of {config_path} select {len(adapted)} modules of this base model, but the adapter "
+            f"was saved for {len(recorded)}: selected here only {sorted(adapted - recorded)[:5]}, saved only "
+            f"{sorted(recorded - adapted)[:5]}. Load the adapter into the model it was trained on."
+        )
+
+
+def _read_tensors(path: Path, recorded_sha256: str | None) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise RankshareError(f"{path} is missing; save the adapter again with save_pretrained().")
+    data = path.read_bytes()  # read once: the bytes checked are the bytes loaded
     try:
-        write(Path(temporary))
-        os.replace(temporary, path)
+        tensors = safetensors.torch.load(data)
+    except Exception as error:  # safetensors raises several types for damaged files
+        raise RankshareError(
+            f"{path} is not a readable safetensors file ({error}){_pickle_hint(data)}; save it again."
+        ) from None
+    if recorded_sha256 is not None and hashlib.sha256(data).hexdigest() != recorded_sha256:
+        raise RankshareError(
+            f"{path} does not belong with the {CONFIG_NAME} beside it: its sha256 differs from the one the config "
+            "records. A save was interrupted between renaming the two files, or one of them was damaged or "
+            "replaced. Save the adapter again."
+        )
+    return tensors
+
+
+def _pickle_hint(data: bytes) -> str:
+    # torch.save writes a zip archive around a pickle; a bare pickle starts with the PROTO opcode 0x80, and a
+    # safetensors file has its JSON header at byte 8.
+    if data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[8:9] != b"{"):
+        return "; it looks like a pickle or torch.save() file, which rankshare never opens: unpickling can run code"
+    return ""
+
+
+def _copy_tensors(model: AdaptedModel, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy the file's tensors into the adapter, every one checked before any is copied."""
+    expected = model.adapter_state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise RankshareError(
+            f"{path} does not fit its config: missing tensors {missing[:5]}, unexpected tensors "
+            f"{unexpected[:5]}. The file may come from another adapter; save it again."
+        )
+    for key, target in expected.items():
+        stored = tensors[key]
+        if stored.shape != target.shape:
+            raise RankshareError(
+                f"Tensor {key!r} in {path} has shape {tuple(stored.shape)}, the model expects {tuple(target.shape)}."
+            )
+        # Precision may differ (a bf16 or float64 save loads into float32); the kind of number may not.
+        if stored.dtype != target.dtype and not (stored.is_floating_point() and target.is_floating_point()):
+            raise RankshareError(
+                f"Tensor {key!r} in {path} is stored as {stored.dtype}, the model expects {target.dtype}; only "
+                "floating-point tensors convert between precisions. Save the adapter again."
+            )
+        if stored.is_floating_point() and not torch.isfinite(stored).all():
+            raise RankshareError(
+                f"Tensor {key!r} in {path} holds NaN or inf: the adapter had diverged when it was saved. Retrain "
+                "it, or load an earlier checkpoint."
+            )
+    for key, target in expected.items():
+        target.data.copy_(tensors[key])
+
+
+def _replace_together(files: dict[Path, bytes]) -> None:
+    """Write every file in full beside its target, then rename each over its target, in order.
+
+    Nothing is renamed before everything is written, so a save that dies while writing changes no target.
+    """
+    temporaries: list[Path] = []
+    try:
+        for path, data in files.items():
+            temporaries.append(_write_beside(path, data))
+        for temporary, path in zip(temporaries, files):
+            os.replace(temporary, path)
+        _sync_directory(next(iter(files)).parent)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+
+
+def _write_beside(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a new hidden file next to ``path``, synced to disk; returns the new file."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    file = open(temporary, "xb")  # "x": never another's file; default permissions, unlike tempfile's 0600
+    try:
+        with file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the renames durable too; only POSIX systems can open a directory to sync it."""
+    if os.name != "posix":
+        return
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)

@@ -192,8 +192,11 @@ def _run_training(args) -> None:
     except KeyboardInterrupt:
         print(f"rankshare: interrupted; continue with: rankshare {args.command} --resume {out}", file=sys.stderr)
         raise SystemExit(130) from None
-    print(markdown_table(records))
-    print(f"results in {out}", file=sys.stderr)
+    from .finetune import distributed
+
+    if distributed.is_main():
+        print(markdown_table(records))
+        print(f"results in {out}", file=sys.stderr)
 
 
 def _gates(text: str | None):

@@ -64,8 +64,28 @@ class Objective:
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, model, examples: list[Example], batch_size: int, device, progress=None) -> dict:
+    def tally(self, model, examples: list[Example], batch_size: int, device, progress=None) -> dict:
+        """Raw counts over ``examples`` (picklable), so that the tallies of several processes can be pooled."""
         raise NotImplementedError
+
+    def summarize(self, tallies: list[dict]) -> dict:
+        """Metrics per task and on average, from the pooled tallies."""
+        labels, predictions = defaultdict(list), defaultdict(list)
+        for tally in tallies:
+            for task in tally["labels"]:
+                labels[task] += tally["labels"][task]
+                predictions[task] += tally["predictions"][task]
+        result = {t: classification_metrics(labels[t], predictions[t], len(self.tasks[t])) for t in self.tasks if labels[t]}
+        scored = list(result.values())
+        result["average"] = {
+            "accuracy": sum(m["accuracy"] for m in scored) / len(scored),
+            "macro_f1": sum(m["macro_f1"] for m in scored) / len(scored),
+            "examples": sum(m["examples"] for m in scored),
+        }
+        return result
+
+    def evaluate(self, model, examples: list[Example], batch_size: int, device, progress=None) -> dict:
+        return self.summarize([self.tally(model, examples, batch_size, device, progress)])
 
     def _token_log_likelihoods(self, model, inputs: dict, examples: list[Example]) -> torch.Tensor:
         """log p(token t+1 | tokens ≤ t) at every labelled position, 0 elsewhere: (B, T-1)."""
@@ -105,7 +125,7 @@ class SequenceClassification(Objective):
         return F.cross_entropy(self._task_logits(model, batch), targets)
 
     @torch.no_grad()
-    def evaluate(self, model, examples, batch_size, device, progress=None) -> dict:
+    def tally(self, model, examples, batch_size, device, progress=None) -> dict:
         labels, predictions = defaultdict(list), defaultdict(list)
         for start in range(0, len(examples), batch_size):
             batch = self.batch(examples[start : start + batch_size], device)
@@ -114,7 +134,7 @@ class SequenceClassification(Objective):
                 predictions[example.task].append(predicted - self.offsets[example.task])
             if progress:
                 progress(len(batch.examples))
-        return _per_task_classification(self.tasks, labels, predictions)
+        return {"labels": dict(labels), "predictions": dict(predictions)}
 
 
 class TextToLabel(Objective):
@@ -155,7 +175,7 @@ class TextToLabel(Objective):
         return model(**batch.inputs).loss
 
     @torch.no_grad()
-    def evaluate(self, model, examples, batch_size, device, progress=None) -> dict:
+    def tally(self, model, examples, batch_size, device, progress=None) -> dict:
         # Score every (example, candidate label) pair by the summed log-probability of the label's tokens.
         pairs = [(i, k) for i, e in enumerate(examples) for k in range(len(self.tasks[e.task]))]
         prompts = self._prompts(examples)
@@ -175,7 +195,7 @@ class TextToLabel(Objective):
         for i, example in enumerate(examples):
             labels[example.task].append(example.label)
             predictions[example.task].append(best[i][1])
-        return _per_task_classification(self.tasks, labels, predictions)
+        return {"labels": dict(labels), "predictions": dict(predictions)}
 
 
 class LanguageModelling(Objective):
@@ -190,7 +210,7 @@ class LanguageModelling(Objective):
         return model(**batch.inputs).loss
 
     @torch.no_grad()
-    def evaluate(self, model, examples, batch_size, device, progress=None) -> dict:
+    def tally(self, model, examples, batch_size, device, progress=None) -> dict:
         nll, tokens = defaultdict(float), defaultdict(int)
         for start in range(0, len(examples), batch_size):
             batch = self.batch(examples[start : start + batch_size], device)
@@ -201,21 +221,18 @@ class LanguageModelling(Objective):
                 tokens[example.task] += count
             if progress:
                 progress(len(batch.examples))
+        return {"nll": dict(nll), "tokens": dict(tokens)}
+
+    def summarize(self, tallies: list[dict]) -> dict:
+        nll, tokens = defaultdict(float), defaultdict(int)
+        for tally in tallies:
+            for task in tally["nll"]:
+                nll[task] += tally["nll"][task]
+                tokens[task] += tally["tokens"][task]
         result = {t: {"perplexity": math.exp(nll[t] / tokens[t]), "loss": nll[t] / tokens[t], "tokens": tokens[t]} for t in nll}
         all_nll, all_tokens = sum(nll.values()), sum(tokens.values())
         result["average"] = {"perplexity": math.exp(all_nll / all_tokens), "loss": all_nll / all_tokens, "tokens": all_tokens}
         return result
-
-
-def _per_task_classification(tasks, labels, predictions) -> dict:
-    result = {t: classification_metrics(labels[t], predictions[t], len(tasks[t])) for t in tasks if labels[t]}
-    scored = list(result.values())
-    result["average"] = {
-        "accuracy": sum(m["accuracy"] for m in scored) / len(scored),
-        "macro_f1": sum(m["macro_f1"] for m in scored) / len(scored),
-        "examples": sum(m["examples"] for m in scored),
-    }
-    return result
 
 
 def make_objective(kind: str, tokenizer, tasks, max_length) -> Objective:

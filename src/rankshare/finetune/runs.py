@@ -21,6 +21,7 @@ import rankshare as rs
 from ..errors import RankshareError
 from ..layer import linear_shape
 from ..targets import find_targets
+from . import distributed
 from .budget import plan_all
 from .data import DataSplits, load_data
 from .models import (ModelSource, default_targets, head_modules, load_causal_lm, load_classifier, load_tokenizer,
@@ -64,7 +65,9 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # a launcher's process, one per GPU
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -93,6 +96,7 @@ class Workspace:
     def __init__(self, job: Job, quiet: bool) -> None:
         self.job, self.quiet = job, quiet
         self.device = pick_device(job.device)
+        distributed.start(self.device)
         seed = (job.settings or {}).get("seed", 0)
         self.splits: DataSplits = load_data(job.data, seed=seed, text_column=job.text_column, label_column=job.label_column,
                                             max_train=job.max_train, max_eval=job.max_eval)
@@ -127,7 +131,9 @@ def run_method(space: Workspace, method: str, rank: int, folder: Path, stop_afte
     """Train, evaluate and save one method in ``folder``; resumes from a checkpoint there."""
     job = space.job
     settings = Settings(method=method, rank=rank, **{**(job.settings or {}), "target_modules": space.targets})
-    folder.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
     base = space.fresh_base()
     heads = head_modules(base) if space.kind == "classify" else []
     if space.kind == "classify":
@@ -135,15 +141,15 @@ def run_method(space: Workspace, method: str, rank: int, folder: Path, stop_afte
                                 for i, name in enumerate(names)}
         base.config.label2id = {v: k for k, v in base.config.id2label.items()}
     model = attach_adapter(base, settings, heads).to(space.device)
-    write_json(folder / "run.json", {"job": asdict(job), "settings": asdict(settings), "kind": space.kind,
-                                     "tasks": space.splits.tasks, "heads": heads})
+    if main:
+        write_json(folder / "run.json", {"job": asdict(job), "settings": asdict(settings), "kind": space.kind,
+                                         "tasks": space.splits.tasks, "heads": heads})
     if space.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(space.device)
     timing = train(model, space.objective, space.splits.train, settings, space.device, folder, space.quiet, stop_after)
     if stop_after is not None and stop_after < timing["steps"]:
         return {}
     evaluation = evaluate(model, space.objective, space.splits, settings.batch_size, space.device, space.quiet)
-    model.save_pretrained(str(folder / "adapter"))
     record = {
         "method": method,
         "rank": rank,
@@ -160,8 +166,12 @@ def run_method(space: Workspace, method: str, rank: int, folder: Path, stop_afte
     }
     if record["router"] is None:
         del record["router"]
-    write_json(folder / "metrics.json", record)
-    (folder / "checkpoint.pt").unlink(missing_ok=True)
+    if distributed.size() > 1:
+        record["processes"] = distributed.size()
+    if main:
+        model.save_pretrained(str(folder / "adapter"))
+        write_json(folder / "metrics.json", record)
+        (folder / "checkpoint.pt").unlink(missing_ok=True)
     return record
 
 
@@ -170,18 +180,20 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
 
     Everything that can be wrong with the input is found before ``out`` is touched.
     """
-    if not resuming:
+    main = distributed.is_main()
+    if not resuming and main:
         check_out(out, overwrite)
     started = time.perf_counter()
     space = Workspace(job, quiet)
     ranks = space.ranks()
-    if not resuming:
+    if not resuming and main:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         write_json(out / "command.json", asdict(job))
     for method, (_, note) in ranks.items():
-        say(f"{method}: {note}")
+        if main:
+            say(f"{method}: {note}")
     records = []
     for method, (rank, _) in ranks.items():
         if rank is None:
@@ -194,9 +206,11 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
         records.append(run_method(space, method, rank, folder))
     for record in records:
         record["plan"] = ranks[record["method"]][1]
-    if len(job.methods) > 1:
-        write_json(out / "metrics.json", {"runs": records, "wall_seconds": time.perf_counter() - started})
-    write_report(out, records)
+    if main:
+        if len(job.methods) > 1:
+            write_json(out / "metrics.json", {"runs": records, "wall_seconds": time.perf_counter() - started})
+        write_report(out, records)
+    distributed.barrier()
     return records
 
 

@@ -22,6 +22,7 @@ import rankshare as rs
 
 from ..errors import RankshareError
 from ..mixture import MixtureLayer
+from . import distributed
 from .data import DataSplits, Example
 from .objectives import Objective
 
@@ -105,12 +106,14 @@ def train(model: nn.Module, objective: Objective, examples: list[Example], setti
     )
     start, step_seconds = _resume(model, optimiser, schedule, checkpoint_dir)
     model.train()
-    bar = tqdm(total=len(order), initial=start, desc=f"train {settings.method}", disable=quiet, unit="step", dynamic_ncols=True)
+    trained = distributed.wrap(model, device)
+    bar = tqdm(total=len(order), initial=start, desc=f"train {settings.method}", disable=quiet or not distributed.is_main(),
+               unit="step", dynamic_ncols=True)
     began = time.perf_counter()
     for step in range(start, len(order)):
         tick = time.perf_counter()
-        batch = objective.batch([examples[i] for i in order[step]], device)
-        loss = objective.loss(model, batch)
+        batch = objective.batch([examples[i] for i in distributed.shard(order[step])], device)
+        loss = objective.loss(trained, batch)
         if not torch.isfinite(loss):
             raise RankshareError(f"The loss became {loss.item()} at step {step}; lower --lr and try again.")
         loss.backward()
@@ -122,7 +125,7 @@ def train(model: nn.Module, objective: Objective, examples: list[Example], setti
         bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.update()
         done = step + 1
-        if done % settings.checkpoint_every == 0 or done == len(order):
+        if distributed.is_main() and (done % settings.checkpoint_every == 0 or done == len(order)):
             _save_checkpoint(model, optimiser, schedule, done, step_seconds, checkpoint_dir)
         if stop_after is not None and done >= stop_after:
             break
@@ -196,7 +199,13 @@ class RouterTracker:
             self.counts[task] = self.counts.get(task, 0) + mask[row].sum().item()
 
     def means(self) -> dict[str, list[float]]:
-        return {task: (self.sums[task] / self.counts[task]).tolist() for task in sorted(self.sums)}
+        """Pooled over all processes when launched in parallel."""
+        sums, counts = {}, {}
+        for process_sums, process_counts in distributed.gather((self.sums, self.counts)):
+            for task in process_sums:
+                sums[task] = sums.get(task, 0) + process_sums[task]
+                counts[task] = counts.get(task, 0) + process_counts[task]
+        return {task: (sums[task] / counts[task]).tolist() for task in sorted(sums)}
 
     def close(self) -> None:
         for handle in self.handles:
@@ -210,9 +219,11 @@ def evaluate(model, objective: Objective, splits: DataSplits, batch_size: int, d
     objective.observer = tracker.observe
     try:
         for split in ("validation", "test"):
-            examples = getattr(splits, split)
-            with tqdm(total=len(examples), desc=f"eval {split}", disable=quiet, unit="ex", dynamic_ncols=True) as bar:
-                results[split] = objective.evaluate(model, examples, batch_size, device, progress=bar.update)
+            examples = distributed.shard(getattr(splits, split))
+            with tqdm(total=len(examples), desc=f"eval {split}", disable=quiet or not distributed.is_main(), unit="ex",
+                      dynamic_ncols=True) as bar:
+                tally = objective.tally(model, examples, batch_size, device, progress=bar.update)
+            results[split] = objective.summarize(distributed.gather(tally))
     finally:
         objective.observer = None
         tracker.close()

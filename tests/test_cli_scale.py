@@ -21,16 +21,25 @@ from test_cli import topics_csv  # noqa: F401  (a fixture)
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def still_bert(tmp_path_factory) -> Path:
-    """A 2-layer BERT without dropout, so that runs differ only in what the test varies."""
-    folder = tmp_path_factory.mktemp("still-bert")
+def save_tiny_bert(folder: Path, dropout: float) -> Path:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                        max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertForSequenceClassification(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_model("minilm").path).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def still_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT without dropout, so that runs differ only in what the test varies."""
+    return save_tiny_bert(tmp_path_factory.mktemp("still-bert"), dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_with_dropout(tmp_path_factory) -> Path:
+    """Dropout on: the resumed run must also restore the random state."""
+    return save_tiny_bert(tmp_path_factory.mktemp("dropout-bert"), dropout=0.2)
 
 
 def arguments(model: Path, data: Path, out: Path, *extra) -> list[str]:
@@ -64,18 +73,6 @@ def test_kill_9_then_resume_ends_as_an_uninterrupted_run(tiny_bert_with_dropout,
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     metrics = [json.loads((folder / "metrics.json").read_text())["metrics"] for folder in (killed, straight)]
     assert metrics[0] == metrics[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_with_dropout(tmp_path_factory) -> Path:
-    """Dropout on: the resumed run must also restore the random state."""
-    folder = tmp_path_factory.mktemp("dropout-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                        max_position_embeddings=64, hidden_dropout_prob=0.2)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model("minilm").path).save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.parametrize("method", ["lotr", "mor"])

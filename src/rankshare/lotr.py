@@ -119,7 +119,7 @@ class LotrLayer(AdapterLayer):
 
 def _random_orthonormal(rows: int, cols: int, device: torch.device | None) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(rows, cols, device=device, dtype=torch.float32))
-    return q
+    return q.contiguous()  # QR's Q is column-major; FSDP and views elsewhere want row-major parameters
 
 
 def _top_eigenvectors(symmetric: torch.Tensor, count: int) -> torch.Tensor:

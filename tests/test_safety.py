@@ -444,16 +444,16 @@ def test_a_save_killed_before_its_renames_leaves_the_old_adapter(tmp_path):
 
 
 @posix_only
-def test_a_save_killed_between_its_renames_is_refused_not_mixed(tmp_path):
+def test_a_save_killed_between_its_renames_leaves_the_old_adapter(tmp_path):
     target, new = tmp_path / "adapter", tmp_path / "new"
-    save_stack_adapter(target, 16, seed=1)
+    old_outputs = save_stack_adapter(target, 16, seed=1)
     new_outputs = save_stack_adapter(new, 16, seed=2)
     kill_while_saving(16, "rename", target, new)
     assert (target / WEIGHTS_NAME).read_bytes() == (new / WEIGHTS_NAME).read_bytes()  # new weights, old config
-    with pytest.raises(rs.RankshareError, match="does not belong with the adapter_config.json beside it"):
-        load_stack(target, 16)
-    rs.AdaptedModel.from_pretrained(stack(16), new).save_pretrained(target)  # saving again repairs it
+    torch.testing.assert_close(load_stack(target, 16), old_outputs, rtol=0, atol=0)
+    rs.AdaptedModel.from_pretrained(stack(16), new).save_pretrained(target)  # the next save completes the switch
     torch.testing.assert_close(load_stack(target, 16), new_outputs, rtol=0, atol=0)
+    assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".tmp")) == [CONFIG_NAME, WEIGHTS_NAME]
 
 
 @posix_only
@@ -463,9 +463,5 @@ def test_saves_killed_at_any_moment_load_one_adapter_or_are_refused(tmp_path):
     target = tmp_path / "adapter"
     for delay in (0.0, 0.05, 0.13):
         kill_while_saving(width, "never", target, tmp_path / "a", tmp_path / "b", delay=delay)
-        try:
-            loaded = load_stack(target, width)
-        except rs.RankshareError as error:
-            assert "does not belong" in str(error)  # killed between the two renames
-            continue
+        loaded = load_stack(target, width)
         assert any(torch.equal(loaded, expected) for expected in outputs)

@@ -8,9 +8,11 @@ The two files are one adapter and are checked as a pair: the config records the 
 match — damage on disk, a tensor file from another save, a hand edit — before it changes the base model.
 
 Saving writes both new files beside the old ones, in full and synced to disk, and only then renames them
-over the old ones, weights first. A save killed before the renames leaves the old adapter whole (and stray
-hidden ``.tmp`` files); one killed between the two renames leaves the new weights beside the old config,
-a pair that loading refuses by its checksum instead of combining.
+over the old ones, weights first, while a second name keeps the old weights until the new config is in
+place. A save killed before the renames leaves the old adapter whole (and stray hidden ``.tmp`` files); one
+killed between the two renames leaves the old config beside the new weights, and loading, finding that the
+weights' checksum is not the config's, reads the old config's own weights under their second name: either
+way the old adapter loads until a save completes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import reprlib
 import secrets
+import shutil
 from pathlib import Path
 
 import safetensors.torch
@@ -33,6 +36,7 @@ from .model import AdaptedModel, adapt
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PREVIOUS_WEIGHTS_NAME = f".{WEIGHTS_NAME}.previous"  # the old weights, only while a save replaces them
 
 
 def save_adapter(model: AdaptedModel, directory: Path) -> None:
@@ -61,12 +65,24 @@ def save_adapter(model: AdaptedModel, directory: Path) -> None:
     }
     record["config_sha256"] = _record_sha256(record)
     directory.mkdir(parents=True, exist_ok=True)
-    # Weights first: a crash between the renames then leaves new weights under the old config, which the
-    # old config's weights_sha256 refuses.
+    # Weights first, the old ones kept under another name until the new config is in place: a crash between
+    # the renames leaves the old config beside new weights, and loading finds the old config's own weights.
+    _keep_previous_weights(directory)
     _replace_together({
         directory / WEIGHTS_NAME: weights,
         directory / CONFIG_NAME: (json.dumps(record, indent=2) + "\n").encode("utf-8"),
     })
+    (directory / PREVIOUS_WEIGHTS_NAME).unlink(missing_ok=True)
+
+
+def _keep_previous_weights(directory: Path) -> None:
+    current, previous = directory / WEIGHTS_NAME, directory / PREVIOUS_WEIGHTS_NAME
+    previous.unlink(missing_ok=True)
+    if current.is_file():
+        try:
+            os.link(current, previous)  # a second name for the same bytes: no copy
+        except OSError:  # a file system without hard links
+            shutil.copyfile(current, previous)
 
 
 def load_adapter(base_model: nn.Module, directory: Path, is_trainable: bool) -> AdaptedModel:
@@ -182,19 +198,25 @@ def _read_tensors(path: Path, recorded_sha256: str | None) -> dict[str, torch.Te
     if not path.is_file():
         raise RankshareError(f"{path} is missing; save the adapter again with save_pretrained().")
     data = path.read_bytes()  # read once: the bytes checked are the bytes loaded
+    if recorded_sha256 is not None and hashlib.sha256(data).hexdigest() != recorded_sha256:
+        previous = path.with_name(PREVIOUS_WEIGHTS_NAME)  # a save killed between its renames leaves it
+        if previous.is_file() and hashlib.sha256(kept := previous.read_bytes()).hexdigest() == recorded_sha256:
+            return _parse_tensors(previous, kept)
+        _parse_tensors(path, data)  # an unreadable file is reported as such
+        raise RankshareError(
+            f"{path} does not belong with the {CONFIG_NAME} beside it: its sha256 differs from the one the "
+            "config records. One of them was damaged or replaced. Save the adapter again."
+        )
+    return _parse_tensors(path, data)
+
+
+def _parse_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     try:
-        tensors = safetensors.torch.load(data)
+        return safetensors.torch.load(data)
     except Exception as error:  # safetensors raises several types for damaged files
         raise RankshareError(
             f"{path} is not a readable safetensors file ({error}){_pickle_hint(data)}; save it again."
         ) from None
-    if recorded_sha256 is not None and hashlib.sha256(data).hexdigest() != recorded_sha256:
-        raise RankshareError(
-            f"{path} does not belong with the {CONFIG_NAME} beside it: its sha256 differs from the one the config "
-            "records. A save was interrupted between renaming the two files, or one of them was damaged or "
-            "replaced. Save the adapter again."
-        )
-    return tensors
 
 
 def _pickle_hint(data: bytes) -> str:

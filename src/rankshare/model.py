@@ -170,18 +170,9 @@ class AdaptedModel(nn.Module):
         For resuming training: the saved adapter must have this model's config and modules. Both files are
         checked as ``from_pretrained`` checks them, and a refused load changes no tensor.
         """
-        from .persistence import CONFIG_NAME, WEIGHTS_NAME, _copy_tensors, _read_record, _read_tensors
+        from .persistence import load_adapter_weights
 
-        directory = Path(directory)
-        record = _read_record(directory / CONFIG_NAME)
-        saved_config = AdapterConfig.from_dict(record["config"])
-        if saved_config != self.adapter_config or sorted(record["modules"]) != sorted(self.adapter_names):
-            raise RankshareError(
-                f"The adapter in {directory} was saved with another config or other modules than this model's "
-                f"({record['config']} on {len(record['modules'])} modules; this model: {self.adapter_config.to_dict()} "
-                f"on {len(self.adapter_names)}). Load it into a fresh base model with AdaptedModel.from_pretrained()."
-            )
-        _copy_tensors(self, _read_tensors(directory / WEIGHTS_NAME, record.get("weights_sha256")), directory / WEIGHTS_NAME)
+        load_adapter_weights(self, Path(directory))
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path, is_trainable: bool = False) -> AdaptedModel:

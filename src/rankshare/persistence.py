@@ -114,6 +114,19 @@ def load_adapter(base_model: nn.Module, directory: Path, is_trainable: bool) -> 
     return model
 
 
+def load_adapter_weights(model: AdaptedModel, directory: Path) -> None:
+    """Copy a saved adapter's tensors into ``model`` in place; its config and modules must be the model's."""
+    record = _read_record(directory / CONFIG_NAME)
+    saved_config = AdapterConfig.from_dict(record["config"])
+    if saved_config != model.adapter_config or sorted(record["modules"]) != sorted(model.adapter_names):
+        raise RankshareError(
+            f"The adapter in {directory} was saved with another config or other modules than this model's "
+            f"({record['config']} on {len(record['modules'])} modules; this model: {model.adapter_config.to_dict()} "
+            f"on {len(model.adapter_names)}). Load it into a fresh base model with AdaptedModel.from_pretrained()."
+        )
+    _copy_tensors(model, _read_tensors(directory / WEIGHTS_NAME, record.get("weights_sha256")), directory / WEIGHTS_NAME)
+
+
 def _read_record(path: Path) -> dict:
     """The parsed config file, its checksum verified and the fields loading relies on checked for type."""
     if not path.is_file():

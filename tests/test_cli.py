@@ -245,3 +245,25 @@ def test_language_modelling_reports_perplexity(tiny_llama, topics_csv, tmp_path)
     assert test["topics"]["perplexity"] == pytest.approx(2.718281828 ** test["topics"]["loss"])
     assert 1 < test["topics"]["perplexity"] < 30522 * 2  # near or below uniform over the vocabulary
     assert (out / "report.md").read_text().count("perplexity") >= 1
+
+
+def test_eval_on_another_file_of_the_same_task_and_merge_from_the_adapter_folder(tiny_bert, topics_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("train", "--method", "mor", "--rank", 2, "--num-experts", 2, "--max-steps", 2, *common(tiny_bert, topics_csv), "--out", out) == 0
+    renamed = tmp_path / "other_name.csv"
+    renamed.write_text(topics_csv.read_text())
+    capsys.readouterr()
+    assert cli("eval", "--adapter", out / "adapter", "--data", renamed, "--text-column", "body", "--label-column", "topic", "--quiet") == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["metrics"]["test"] == json.loads((out / "metrics.json").read_text())["metrics"]["test"]
+    assert cli("merge", "--adapter", out / "adapter", "--out", tmp_path / "merged", "--gates", "topics") == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["id2label"] == {"0": "topics:finance", "1": "topics:sports", "2": "topics:weather"}
+
+
+def test_too_short_max_length_for_text_to_label_is_one_line(tiny_llama, topics_csv, tmp_path, capsys):
+    args = common(tiny_llama, topics_csv)
+    args[args.index("--max-length") + 1] = 6
+    assert cli("train", *args, "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-length" in err and "or more" in err

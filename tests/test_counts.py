@@ -1,4 +1,4 @@
-"""Trainable-parameter counts against the closed forms of METHODS.md, and real sharing of LoTR's factors."""
+"""Trainable-parameter counts against the closed forms in the methods' docstrings, and real sharing of LoTR's factors."""
 
 from __future__ import annotations
 

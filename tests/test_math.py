@@ -16,7 +16,7 @@ def dense_base_weight(layer: rs.AdapterLayer) -> torch.Tensor:
 
 
 def reference_expert_updates(layer: rs.AdapterLayer) -> torch.Tensor:
-    """s · ΔW_i as (N, d_out, d_in), from the raw parameters, following METHODS.md."""
+    """s · ΔW_i as (N, d_out, d_in), from the raw parameters, following the papers (as written in mor.py and moelora.py)."""
     s = layer.scale
     if isinstance(layer, rs.MorLayer):
         A, B, a, b = layer.lora_A, layer.lora_B, layer.scale_in, layer.scale_out
@@ -149,3 +149,15 @@ def test_mor_experts_diverge_during_training():
         for i in range(4):
             for j in range(i):
                 assert (scales[i] - scales[j]).abs().max() > 1e-4, (i, j)
+
+
+@torch.no_grad()
+def test_mixture_merged_update_is_the_gated_sum_of_expert_updates(family):
+    """delta_weight(g) = Σ_i g_i · s ΔW_i for any constant gates (computed without forming every ΔW_i)."""
+    for method in ("mor", "moelora"):
+        model = rs.adapt(base_model(family), METHODS[method](family.targets))
+        randomise_adapters(model)
+        gates = torch.tensor([0.7, -0.2, 1.5])
+        for layer in model.adapter_layers().values():
+            expected = torch.einsum("i,iod->od", gates, reference_expert_updates(layer))
+            torch.testing.assert_close(layer.delta_weight(gates), expected, rtol=1e-5, atol=1e-6)

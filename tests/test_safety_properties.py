@@ -2,7 +2,7 @@
 
 - A valid config survives ``to_dict`` → JSON → ``from_dict``; an invalid one raises RankshareError, nothing else.
 - Any small stack of linear layers round-trips through save and load with identical outputs, and its
-  trainable count is the closed form of METHODS.md.
+  trainable count is the closed form in the methods' docstrings.
 - A damaged adapter file either loads to exactly the saved outputs (the damage touched nothing that
   matters) or raises RankshareError; a failed load leaves the base model as it was.
 """
@@ -179,7 +179,7 @@ def adapted_shapes(draw) -> dict:
 
 
 def closed_form_count(method: str, d_in: int, d_out: int, count: int, rank: int, experts: int) -> int:
-    """Trainable parameters from METHODS.md (one LoTR group: all layers share a masked name and a shape)."""
+    """Trainable parameters from the methods' docstrings (one LoTR group: all layers share a masked name and a shape)."""
     if method == "lotr":
         return rank * (d_in + d_out) + count * rank**2
     if method == "mor":

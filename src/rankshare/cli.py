@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on the validation and test splits of some data.")
     evaluate.add_argument("--adapter", type=Path, required=True, help="a train run's --out (or a compare's method folder)")
     evaluate.add_argument("--data", help="data of the same tasks (default: the data it was trained on)")
+    evaluate.add_argument("--text-column", help="text column of a --data file (default: the training run's)")
+    evaluate.add_argument("--label-column", help="label column of a --data file (default: the training run's)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--quiet", action="store_true")
 
@@ -179,7 +181,10 @@ def _run_training(args) -> None:
         command = args.resume / "command.json"
         if not command.is_file():
             raise RankshareError(f"--resume {args.resume}: no command.json there; give the --out of an interrupted run.")
-        job, out = Job(**json.loads(command.read_text())), args.resume
+        try:
+            job, out = Job(**json.loads(command.read_text())), args.resume
+        except (TypeError, ValueError) as error:
+            raise RankshareError(f"--resume {args.resume}: its command.json is not one this version wrote ({error}).") from None
     else:
         job = _job_from_args(args)
         name = job.methods[0] if args.command == "train" else "compare"
@@ -229,12 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from .finetune.runs import evaluate_run
 
-            print(json.dumps(evaluate_run(args.adapter, args.data, args.quiet, args.device), indent=2))
+            result = evaluate_run(args.adapter, args.data, args.quiet, args.device, args.text_column, args.label_column)
+            print(json.dumps(result, indent=2))
         else:
-            from .finetune.runs import merge_run
+            from .finetune.runs import check_out, merge_run
 
-            if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-                raise RankshareError(f"--out {args.out} already exists; choose another folder or add --overwrite.")
+            check_out(args.out, args.overwrite)
             print(f"merged model in {merge_run(args.adapter, args.out, _gates(args.gates))}", file=sys.stderr)
     except RankshareError as error:
         message = str(error)

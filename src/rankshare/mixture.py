@@ -64,7 +64,11 @@ class MixtureLayer(AdapterLayer):
             raise RankshareError(
                 f"gates must be {self.num_experts} finite numbers (one per expert), got shape {tuple(gates.shape)}."
             )
-        return torch.einsum("i,iod->od", gates, self.expert_delta_weights())
+        return self.mixed_delta_weight(gates)
+
+    def mixed_delta_weight(self, gates: torch.Tensor) -> torch.Tensor:
+        """``Σ_i gates_i · s · ΔW_i`` (d_out, d_in), without forming the N updates one by one."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_experts={self.num_experts}"

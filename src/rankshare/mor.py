@@ -50,6 +50,11 @@ class MorLayer(MixtureLayer):
     def expert_delta_weights(self) -> torch.Tensor:
         return self.scale * torch.einsum("io,ok,ik,kd->iod", self.scale_out, self.lora_B, self.scale_in, self.lora_A)
 
+    def mixed_delta_weight(self, gates: torch.Tensor) -> torch.Tensor:
+        # Σ_i g_i diag(b_i) B diag(a_i) is (d_out, r): mix the experts there, then one product with A.
+        mixed = torch.einsum("i,io,ok,ik->ok", gates, self.scale_out, self.lora_B, self.scale_in)
+        return self.scale * mixed @ self.lora_A
+
 
 @dataclass
 class MorConfig(MixtureConfig):

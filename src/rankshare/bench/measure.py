@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -10,7 +11,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import rankshare as rs
 
 from .setups import Setup, Variant, weight_sharing_copy
 
@@ -108,15 +108,7 @@ def merged_inference(setup: Setup, lotr: Variant, mor: Variant, inputs: dict, re
 
 def _merged_copy(variant: Variant, gates):
     """merge_and_unload on a real copy (merging writes into the weights, which the variants share)."""
-    adapted = _deep_copy_adapted(variant.model)
-    plain = adapted.merge_and_unload(gates=gates) if gates is not None else adapted.merge_and_unload()
-    return plain.eval()
-
-
-def _deep_copy_adapted(model: rs.AdaptedModel) -> rs.AdaptedModel:
-    import copy
-
-    return copy.deepcopy(model)
+    return copy.deepcopy(variant.model).merge_and_unload(gates=gates).eval()
 
 
 @torch.no_grad()

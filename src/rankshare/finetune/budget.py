@@ -1,7 +1,7 @@
 """Choose each method's rank so that its trainable adapter parameters come closest to a budget.
 
 Trainable adapter parameters (the head excluded) for targets of shape ``d_out × d_in``, N experts, and
-L layers in a LoTR group (METHODS.md)::
+L layers in a LoTR group (the docstrings of lotr.py, mor.py and moelora.py)::
 
     LoRA       r (d_in + d_out)                            per layer
     LoTR       r (d_in + d_out) + L r²                     per group (only L r² with frozen factors)

@@ -21,7 +21,11 @@ def launched() -> bool:
 def start(device: torch.device) -> None:
     """Join the process group the launcher describes (gloo on CPU, NCCL on GPUs)."""
     if launched() and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # collectives use the current device: one GPU per process
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
 
 
 def rank() -> int:

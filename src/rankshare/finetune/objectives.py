@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import RankshareError
 from .data import Example
 from .metrics import classification_metrics
 
@@ -84,9 +85,6 @@ class Objective:
         }
         return result
 
-    def evaluate(self, model, examples: list[Example], batch_size: int, device, progress=None) -> dict:
-        return self.summarize([self.tally(model, examples, batch_size, device, progress)])
-
     def _token_log_likelihoods(self, model, inputs: dict, examples: list[Example]) -> torch.Tensor:
         """log p(token t+1 | tokens ≤ t) at every labelled position, 0 elsewhere: (B, T-1)."""
         logits = self.forward(model, inputs, examples).logits.float()
@@ -149,7 +147,10 @@ class TextToLabel(Objective):
         longest = max(len(a) for answers in self.answers.values() for a in answers) + 1
         self.text_budget = max_length - longest - max(len(s) for s in self.suffixes.values())
         if self.text_budget < 8:
-            raise ValueError(f"max_length {max_length} leaves no room for text beside the label names.")
+            raise RankshareError(
+                f"--max-length {max_length} leaves no room for text beside the prompt and label names; "
+                f"use --max-length {max_length - self.text_budget + 8} or more."
+            )
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

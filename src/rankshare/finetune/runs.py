@@ -65,29 +65,38 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # a launcher's process, one per GPU
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise RankshareError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RankshareError("--device cuda: no CUDA GPU is available here; use --device cpu.")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # a launcher's process, one per GPU
     return device
 
 
 def objective_kind(job: Job, source: ModelSource) -> str:
     if job.objective != "auto":
         return job.objective
-    config_path = Path(source.path) / "config.json"
     if source.gguf_file:
         return "text_to_label"
-    if config_path.is_file():
-        architectures = json.loads(config_path.read_text()).get("architectures") or []
-        if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in architectures):
-            return "text_to_label"
-    return "classify"
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(source.path).architectures or []
+    except (OSError, ValueError) as error:
+        raise RankshareError(f"--model {source.spec}: could not read its config ({str(error).splitlines()[0]}).") from None
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return "text_to_label" if causal else "classify"
+
+
+def name_labels(model, tasks: dict[str, list[str]]) -> None:
+    """Write ``task:label`` names into the head's config, in the order of the one head over all tasks."""
+    names = [f"{task}:{label}" for task, labels in tasks.items() for label in labels]
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
 
 
 class Workspace:
@@ -137,9 +146,7 @@ def run_method(space: Workspace, method: str, rank: int, folder: Path, stop_afte
     base = space.fresh_base()
     heads = head_modules(base) if space.kind == "classify" else []
     if space.kind == "classify":
-        base.config.id2label = {space.objective.offsets[t] + i: f"{t}:{name}" for t, names in space.splits.tasks.items()
-                                for i, name in enumerate(names)}
-        base.config.label2id = {v: k for k, v in base.config.id2label.items()}
+        name_labels(base, space.splits.tasks)
     model = attach_adapter(base, settings, heads).to(space.device)
     if main:
         write_json(folder / "run.json", {"job": asdict(job), "settings": asdict(settings), "kind": space.kind,
@@ -157,7 +164,7 @@ def run_method(space: Workspace, method: str, rank: int, folder: Path, stop_afte
                    **asdict(settings), "learning_rate": settings.learning_rate},
         "trainable_parameters": parameter_counts(model, heads),
         **evaluation,
-        **{k: v for k, v in timing.items() if k != "wall_seconds_this_process"},
+        **timing,
         "examples": {"train": len(space.splits.train), "validation": len(space.splits.validation), "test": len(space.splits.test)},
         "peak_memory_mb": peak_memory_mb(space.device),
         "device": str(space.device),
@@ -191,6 +198,7 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
             shutil.rmtree(out)
         out.mkdir(parents=True)
         write_json(out / "command.json", asdict(job))
+    distributed.barrier()  # no process may look for a checkpoint in `out` before it is prepared
     for method, (_, note) in ranks.items():
         if main:
             say(f"{method}: {note}")
@@ -215,10 +223,10 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
 
 
 def load_run(directory: Path) -> tuple[dict, Path]:
-    """The run.json beside an adapter: ``directory`` may be a run folder or its adapter folder."""
+    """A run's record and folder: ``directory`` may be the run folder or its adapter folder."""
     for folder in (directory, directory.parent):
         if (folder / "run.json").is_file() and (folder / "adapter").is_dir():
-            return json.loads((folder / "run.json").read_text()), folder / "adapter"
+            return json.loads((folder / "run.json").read_text()), folder
     if (directory / "command.json").is_file():
         methods = sorted(p.name for p in directory.iterdir() if (p / "run.json").is_file())
         raise RankshareError(f"{directory} holds a comparison; point --adapter at one method's folder: {methods}.")
@@ -227,11 +235,13 @@ def load_run(directory: Path) -> tuple[dict, Path]:
 
 def load_trained(directory: Path, device: str = "auto"):
     """Rebuild a trained model from its run folder: (model, run record, tokenizer, source)."""
-    run, adapter = load_run(directory)
+    run, folder = load_run(directory)
+    adapter = folder / "adapter"
     source = resolve_model(run["job"]["model"])
     tokenizer = load_tokenizer(source)
     if run["kind"] == "classify":
         base = load_classifier(source, sum(len(v) for v in run["tasks"].values()))
+        name_labels(base, run["tasks"])
     else:
         base = load_causal_lm(source)
     if run["settings"]["method"] == "lora":
@@ -240,15 +250,22 @@ def load_trained(directory: Path, device: str = "auto"):
         model = peft.PeftModel.from_pretrained(base, str(adapter))
     else:
         model = rs.AdaptedModel.from_pretrained(base, adapter)
-    return model.to(pick_device(device)).eval(), run, tokenizer, source
+    return model.to(pick_device(device)).eval(), run, tokenizer, folder
 
 
-def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "auto") -> dict:
+def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "auto",
+                 text_column: str | None = None, label_column: str | None = None) -> dict:
+    """Metrics of a trained adapter on the validation and test splits of ``data`` (default: its own data)."""
     model, run, tokenizer, _ = load_trained(directory, device)
     job = run["job"]
     # The run's seed and caps give the run's own validation and test examples when the data is the same.
-    splits = load_data(data or job["data"], seed=run["settings"]["seed"], text_column=job["text_column"],
-                       label_column=job["label_column"], max_train=job["max_train"], max_eval=job["max_eval"])
+    splits = load_data(data or job["data"], seed=run["settings"]["seed"], text_column=text_column or job["text_column"],
+                       label_column=label_column or job["label_column"], max_train=job["max_train"],
+                       max_eval=job["max_eval"])
+    if len(splits.tasks) == len(run["tasks"]) == 1:  # one task: its name (a file's stem) may differ
+        (task,), (trained,) = splits.tasks, run["tasks"]
+        validation, test = ([replace(e, task=trained) for e in split] for split in (splits.validation, splits.test))
+        splits = DataSplits({trained: splits.tasks[task]}, [], validation, test)
     for task, labels in splits.tasks.items():
         if run["kind"] != "lm" and run["tasks"].get(task) != labels:
             raise RankshareError(f"Task {task!r} of --data has labels {labels}, the adapter was trained on "
@@ -259,18 +276,18 @@ def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "
 
 
 def merge_run(directory: Path, out: Path, gates: list[float] | str | None) -> Path:
-    model, run, tokenizer, _ = load_trained(directory, "cpu")
+    model, run, tokenizer, folder = load_trained(directory, "cpu")
     method = run["settings"]["method"]
-    if isinstance(gates, str):  # a task name: that task's mean routing, measured at evaluation
-        router = json.loads((directory / "metrics.json").read_text()).get("router") or {}
-        if gates not in router:
-            raise RankshareError(f"--gates {gates}: no mean routing recorded for that task; tasks: {sorted(router)}.")
-        gates = router[gates]
     if method in ("mor", "moelora") and gates is None:
         raise RankshareError(f"A {method} adapter routes each token differently and merges only with fixed gates: "
                              f"pass --gates g1,...,gN ({run['settings']['num_experts']} numbers) or --gates TASK.")
     if method in ("lora", "lotr") and gates is not None:
         raise RankshareError(f"--gates applies to mor and moelora only; a {method} adapter merges without it.")
+    if isinstance(gates, str):  # a task name: that task's mean routing, measured at evaluation
+        router = json.loads((folder / "metrics.json").read_text()).get("router") or {}
+        if gates not in router:
+            raise RankshareError(f"--gates {gates}: no mean routing recorded for that task; tasks: {sorted(router)}.")
+        gates = router[gates]
     plain = model.merge_and_unload() if method in ("lora", "lotr") else model.merge_and_unload(gates=gates)
     temporary = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)

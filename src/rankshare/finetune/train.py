@@ -11,7 +11,7 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -91,6 +91,8 @@ def batch_order(num_examples: int, settings: Settings) -> list[list[int]]:
     for epoch in range(settings.epochs):
         permutation = torch.randperm(num_examples, generator=torch.Generator().manual_seed(settings.seed * 10_007 + epoch))
         steps += [permutation[i : i + settings.batch_size].tolist() for i in range(0, num_examples, settings.batch_size)]
+    # Under a launcher every process needs a share of every batch: a last batch too small to share is dropped.
+    steps = [step for step in steps if len(step) >= distributed.size()]
     return steps[: settings.max_steps] if settings.max_steps else steps
 
 
@@ -109,7 +111,6 @@ def train(model: nn.Module, objective: Objective, examples: list[Example], setti
     trained = distributed.wrap(model, device)
     bar = tqdm(total=len(order), initial=start, desc=f"train {settings.method}", disable=quiet or not distributed.is_main(),
                unit="step", dynamic_ncols=True)
-    began = time.perf_counter()
     for step in range(start, len(order)):
         tick = time.perf_counter()
         batch = objective.batch([examples[i] for i in distributed.shard(order[step])], device)
@@ -135,7 +136,6 @@ def train(model: nn.Module, objective: Objective, examples: list[Example], setti
         "steps": len(order),
         "train_seconds": sum(step_seconds),
         "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
-        "wall_seconds_this_process": time.perf_counter() - began,
     }
 
 
@@ -151,6 +151,7 @@ def _save_checkpoint(model, optimiser, schedule, step, step_seconds, directory: 
         "optimiser": optimiser.state_dict(),
         "schedule": schedule.state_dict(),
         "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "step_seconds": torch.tensor(step_seconds, dtype=torch.float64),
     }
     temporary = directory / f".{CHECKPOINT}.tmp"
@@ -172,6 +173,8 @@ def _resume(model, optimiser, schedule, directory: Path) -> tuple[int, list[floa
     optimiser.load_state_dict(state["optimiser"])
     schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng"):  # dropout on a GPU draws from the GPU's generator
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], state["step_seconds"].tolist()
 
 
@@ -245,8 +248,3 @@ def versions() -> dict[str, str]:
     return {"rankshare": rs.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "threads": str(torch.get_num_threads())}
-
-
-def settings_dict(settings: Settings) -> dict:
-    return {**asdict(settings), "learning_rate": settings.learning_rate}
-

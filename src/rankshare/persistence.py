@@ -270,6 +270,11 @@ def _copy_tensors(model: AdaptedModel, tensors: dict[str, torch.Tensor], path: P
         target.data.copy_(tensors[key])
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` beside ``path`` in full, then rename it over ``path``: a reader sees the old or the new file."""
+    _replace_together({path: data})
+
+
 def _replace_together(files: dict[Path, bytes]) -> None:
     """Write every file in full beside its target, then rename each over its target, in order.
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..finetune.budget import adapter_parameters
+from ..persistence import replace_file
 from .measure import adapter_file, forward, interleaved_times, merged_inference, train_step, training_memory
 from .report import write_bench_report
 from .setups import Setup, build_variants, packaged_setup, synthetic_setup
@@ -101,6 +102,6 @@ def run_bench(out: Path, full: bool, repeats: int, warmup: int = 2, say=print, q
         "wall_seconds": time.perf_counter() - started,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(bench, indent=2) + "\n")
+    replace_file(out / "bench.json", (json.dumps(bench, indent=2) + "\n").encode("utf-8"))
     write_bench_report(out, bench)
     return bench

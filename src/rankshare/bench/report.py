@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from ..persistence import replace_file
 
 LIMIT, LORA = "limit (frozen, grads to inputs)", "PEFT LoRA r="
 
@@ -106,9 +109,11 @@ def markdown(bench: dict) -> str:
 
 
 def write_bench_report(out: Path, bench: dict) -> None:
-    (out / "bench.md").write_text(markdown(bench))
-    _plot_step_ratios(bench).savefig(out / "bench_step_ratios.png", dpi=120)
-    _plot_parameters(bench).savefig(out / "bench_parameters.png", dpi=120)
+    replace_file(out / "bench.md", markdown(bench).encode("utf-8"))
+    for name, figure in (("bench_step_ratios.png", _plot_step_ratios(bench)), ("bench_parameters.png", _plot_parameters(bench))):
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=120)
+        replace_file(out / name, png.getvalue())
 
 
 def _figure(width: float, height: float):

@@ -16,13 +16,13 @@ macro-F1; their table shows perplexity and their plot puts it on an axis where l
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 
 from ..errors import RankshareError
+from ..persistence import replace_file
 
 REPORT_NAME = "report.md"
 PARAMETERS_PLOT_NAME = "accuracy_vs_params.png"
@@ -47,10 +47,11 @@ def write_report(out_dir: Path, runs: list[dict]) -> list[Path]:
     if any(run.get("router") for run in runs):
         images[ROUTER_PLOT_NAME] = _router_figure([run for run in runs if run.get("router")])
     for name, figure in images.items():
-        _write_atomically(out_dir / name, lambda path, figure=figure: figure.savefig(path, format="png", dpi=120))
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=120)
+        replace_file(out_dir / name, png.getvalue())
     report = out_dir / REPORT_NAME
-    text = _report_markdown(runs, split, scores, list(images))
-    _write_atomically(report, lambda path: path.write_text(text, encoding="utf-8"))
+    replace_file(report, _report_markdown(runs, split, scores, list(images)).encode("utf-8"))
     return [report, *(out_dir / name for name in images)]
 
 
@@ -81,17 +82,6 @@ def markdown_table(runs: list[dict]) -> str:
         ]
         lines.append(_row(cells))
     return "\n".join(lines) + "\n"
-
-
-def _write_atomically(path: Path, write) -> None:
-    # Written beside its target and renamed over it, so that a reader never sees half a file. A plain open
-    # (unlike mkstemp, which makes files private) gives the report the usual permissions, to be shared.
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 # -- the markdown ------------------------------------------------------------------------------------------

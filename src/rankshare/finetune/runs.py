@@ -20,6 +20,7 @@ import rankshare as rs
 
 from ..errors import RankshareError
 from ..layer import linear_shape
+from ..persistence import replace_file
 from ..targets import find_targets
 from . import distributed
 from .budget import plan_all
@@ -51,9 +52,7 @@ class Job:
 
 
 def write_json(path: Path, data) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
+    replace_file(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def check_out(out: Path, overwrite: bool) -> None:

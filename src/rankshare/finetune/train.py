@@ -6,7 +6,7 @@ optimiser, the schedule and the random state, so a resumed run ends where an uni
 
 from __future__ import annotations
 
-import os
+import io
 import platform
 import resource
 import statistics
@@ -22,6 +22,7 @@ import rankshare as rs
 
 from ..errors import RankshareError
 from ..mixture import MixtureLayer
+from ..persistence import replace_file
 from . import distributed
 from .data import DataSplits, Example
 from .objectives import Objective
@@ -154,9 +155,9 @@ def _save_checkpoint(model, optimiser, schedule, step, step_seconds, directory: 
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "step_seconds": torch.tensor(step_seconds, dtype=torch.float64),
     }
-    temporary = directory / f".{CHECKPOINT}.tmp"
-    torch.save(state, temporary)
-    os.replace(temporary, directory / CHECKPOINT)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    replace_file(directory / CHECKPOINT, buffer.getvalue())
 
 
 def _resume(model, optimiser, schedule, directory: Path) -> tuple[int, list[float]]:

@@ -101,20 +101,21 @@ class AdapterLayer(nn.Module):
         if self.merged:
             warnings.warn("This adapter layer is already merged; nothing to do.", stacklevel=2)
             return
-        weight = dense_weight(self.base_layer)
-        delta = self.delta_weight(gates).to(weight)
-        if safe:
-            merged = weight + delta
-            if not torch.isfinite(merged).all():
-                raise RankshareError(
-                    f"Merging this {self.out_features}×{self.in_features} adapter layer would put NaN or inf into its "
-                    f"{weight.dtype} base weight (the update s·ΔW is not finite, or overflows {weight.dtype}); the "
-                    "weight is unchanged. Retrain or reload a finite adapter, or merge into a wider dtype."
-                )
-            weight.copy_(merged)
-        else:
-            weight += delta
+        dense_weight(self.base_layer).copy_(self.merged_weight(gates, safe))
         self.merged, self._merged_gates = True, gates
+
+    @torch.no_grad()
+    def merged_weight(self, gates: torch.Tensor | None = None, safe: bool = False) -> torch.Tensor:
+        """``W + s · ΔW`` as (d_out, d_in), formed aside; ``safe`` refuses NaN or inf in it (nothing changes)."""
+        weight = dense_weight(self.base_layer)
+        merged = weight + self.delta_weight(gates).to(weight)
+        if safe and not torch.isfinite(merged).all():
+            raise RankshareError(
+                f"Merging this {self.out_features}×{self.in_features} adapter layer would put NaN or inf into its "
+                f"{weight.dtype} base weight (the update s·ΔW is not finite, or overflows {weight.dtype}); the "
+                "weight is unchanged. Retrain or reload a finite adapter, or merge into a wider dtype."
+            )
+        return merged
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import RankshareError
-from .layer import AdapterLayer, dense_weight
+from .layer import AdapterLayer
 from .targets import find_targets, matches
 
 
@@ -125,7 +125,10 @@ class AdaptedModel(nn.Module):
             # All checks come first: undoing a merge by subtraction would not restore the weights bit for bit.
             for name, layer in layers.items():
                 if not layer.merged:
-                    _refuse_non_finite_merge(name, layer, gates)
+                    try:
+                        layer.merged_weight(gates, safe=True)
+                    except RankshareError as error:
+                        raise RankshareError(f"Adapter layer {name!r}: {error} No weight was changed.") from None
         for layer in layers.values():
             layer.merge(gates)
 
@@ -184,15 +187,3 @@ class AdaptedModel(nn.Module):
         from .persistence import load_adapter
 
         return load_adapter(base_model, Path(directory), is_trainable)
-
-
-@torch.no_grad()
-def _refuse_non_finite_merge(name: str, layer: AdapterLayer, gates) -> None:
-    """Raise, naming the layer, if merging it would put NaN or inf into its base weight; changes nothing."""
-    weight = dense_weight(layer.base_layer)
-    if not torch.isfinite(weight + layer.delta_weight(gates).to(weight)).all():
-        raise RankshareError(
-            f"Merging adapter layer {name!r} would put NaN or inf into its {weight.dtype} base weight (its update "
-            f"s·ΔW is not finite, or overflows {weight.dtype}); no weight was changed. Retrain or reload a finite "
-            "adapter, or merge into a wider dtype."
-        )

@@ -7,6 +7,7 @@ optimiser, the schedule and the random state, so a resumed run ends where an uni
 from __future__ import annotations
 
 import io
+import math
 import platform
 import resource
 import statistics
@@ -116,15 +117,16 @@ def train(model: nn.Module, objective: Objective, examples: list[Example], setti
         tick = time.perf_counter()
         batch = objective.batch([examples[i] for i in distributed.shard(order[step])], device)
         loss = objective.loss(trained, batch)
-        if not torch.isfinite(loss):
-            raise RankshareError(f"The loss became {loss.item()} at step {step}; lower --lr and try again.")
+        value = loss.item()  # one device sync per step, shared by the check and the progress bar
+        if not math.isfinite(value):
+            raise RankshareError(f"The loss became {value} at step {step}; lower --lr and try again.")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimiser.step()
         schedule.step()
         optimiser.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - tick)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{value:.4f}")
         bar.update()
         done = step + 1
         if distributed.is_main() and (done % settings.checkpoint_every == 0 or done == len(order)):

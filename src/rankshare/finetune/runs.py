@@ -186,6 +186,7 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
 
     Everything that can be wrong with the input is found before ``out`` is touched.
     """
+    distributed.start(pick_device(job.device))  # first: which process is the main one decides what it may write
     main = distributed.is_main()
     if not resuming and main:
         check_out(out, overwrite)

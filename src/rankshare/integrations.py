@@ -123,6 +123,13 @@ class AdapterTrainer(transformers.Trainer):
                 "transformers.Trainer for other models."
             )
         super().__init__(model, *args, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            # Checkpoints are written from the main process's tensors, which these engines shard.
+            raise RankshareError(
+                "AdapterTrainer does not support Trainer's FSDP or DeepSpeed options: its checkpoints would hold "
+                "shards. Train with DDP (the default under torchrun), or shard yourself with "
+                "rankshare.integrations.fully_shard_adapted and save with full_adapter_state_dict."
+            )
         # AdaptedModel.forward takes (*args, **kwargs); the base model's signature says what it accepts.
         base_class = type(model.base_model)
         if self.args.label_names is None:

@@ -87,11 +87,10 @@ class Objective:
 
     def _token_log_likelihoods(self, model, inputs: dict, examples: list[Example]) -> torch.Tensor:
         """log p(token t+1 | tokens ≤ t) at every labelled position, 0 elsewhere: (B, T-1)."""
-        logits = self.forward(model, inputs, examples).logits.float()
-        targets = inputs["labels"][:, 1:]
-        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-        picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return picked.masked_fill(targets == IGNORE, 0.0)
+        logits = self.forward(model, inputs, examples).logits[:, :-1].float()  # (B, T-1, V)
+        # cross_entropy picks each target's log-probability without a (B, T, V) log-softmax; 0 where ignored
+        nll = F.cross_entropy(logits.transpose(1, 2), inputs["labels"][:, 1:], ignore_index=IGNORE, reduction="none")
+        return -nll
 
 
 class SequenceClassification(Objective):

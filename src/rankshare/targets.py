@@ -7,7 +7,7 @@ import re
 from torch import nn
 
 from .errors import RankshareError
-from .layer import AdapterLayer, is_supported
+from .layer import AdapterLayer, is_supported, linear_shape
 
 
 def matches(name: str, patterns: list[str] | str) -> bool:
@@ -41,6 +41,11 @@ def find_targets(model: nn.Module, patterns: list[str] | str) -> dict[str, nn.Mo
                 "torch.nn.Linear and transformers' Conv1D only. Name linear layers."
             )
     return targets
+
+
+def target_shapes(model: nn.Module, patterns: list[str] | str) -> dict[str, tuple[int, int]]:
+    """``(d_out, d_in)`` of every module ``patterns`` names."""
+    return {name: linear_shape(module) for name, module in find_targets(model, patterns).items()}
 
 
 def group_targets(shapes: dict[str, tuple[int, int]], share: str) -> dict[str, list[str]]:

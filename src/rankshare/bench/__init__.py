@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..finetune.budget import adapter_parameters
+from ..finetune.train import versions
 from ..persistence import replace_file
 from .measure import adapter_file, forward, interleaved_times, merged_inference, train_step, training_memory
 from .report import write_bench_report
@@ -77,11 +78,6 @@ def parameter_scaling() -> list[dict]:
 
 
 def run_bench(out: Path, full: bool, repeats: int, warmup: int = 2, say=print, quiet: bool = False) -> dict:
-    import peft
-    import transformers
-
-    from .. import __version__
-
     started = time.perf_counter()
     results = []
     for make in tqdm(list(setups(full)), desc="models", disable=quiet):
@@ -93,8 +89,7 @@ def run_bench(out: Path, full: bool, repeats: int, warmup: int = 2, say=print, q
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "device": "cpu", "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "versions": {"rankshare": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "python": platform.python_version()},
+        "versions": versions(),
         "repeats": repeats,
         "warmup": warmup,
         "setups": results,

@@ -44,7 +44,7 @@ def targets(bench: dict) -> list[str]:
     for setup in bench["setups"]:
         limit, lora = _find(setup, LIMIT), _find(setup, LORA)
         lotr, mor = _find(setup, f"LoTR r={setup['rank']}"), _find(setup, f"MoR N={setup['num_experts']} r=")
-        naive = _find(setup, "MoR N=8 r=8, naive")
+        naive = _find(setup, f"MoR N={setup['num_experts']} r={setup['rank']}, naive")
 
         def check(label, value, bound):
             lines.append(f"- {setup['name']}: {label} = {value:.3f} (target ≤ {bound}) — {'met' if value <= bound else 'MISSED'}")

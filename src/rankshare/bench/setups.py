@@ -13,8 +13,7 @@ import rankshare as rs
 
 from ..finetune.budget import plan_rank
 from ..finetune.models import load_classifier, resolve_model
-from ..layer import linear_shape
-from ..targets import find_targets
+from ..targets import target_shapes
 
 NUM_LABELS = 4
 
@@ -39,7 +38,7 @@ class Setup:
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
-        return {n: linear_shape(m) for n, m in find_targets(self.model, self.targets).items()}
+        return target_shapes(self.model, self.targets)
 
 
 def packaged_setup(name: str, batch: int, length: int) -> Setup:

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,9 +19,8 @@ import torch
 import rankshare as rs
 
 from ..errors import RankshareError
-from ..layer import linear_shape
 from ..persistence import replace_file
-from ..targets import find_targets
+from ..targets import target_shapes
 from . import distributed
 from .budget import plan_all
 from .data import DataSplits, load_data
@@ -48,7 +47,7 @@ class Job:
     rank: int | None = None
     budget: int | None = None
     device: str = "auto"
-    settings: dict | None = None  # Settings fields shared by all methods (method and rank left out)
+    settings: dict = field(default_factory=dict)  # Settings fields shared by all methods (not method, rank)
 
 
 def write_json(path: Path, data) -> None:
@@ -105,7 +104,7 @@ class Workspace:
         self.job, self.quiet = job, quiet
         self.device = pick_device(job.device)
         distributed.start(self.device)
-        seed = (job.settings or {}).get("seed", 0)
+        seed = job.settings.get("seed", 0)
         self.splits: DataSplits = load_data(job.data, seed=seed, text_column=job.text_column, label_column=job.label_column,
                                             max_train=job.max_train, max_eval=job.max_eval)
         self.source = resolve_model(job.model)
@@ -114,8 +113,8 @@ class Workspace:
         self.objective = make_objective(self.kind, self.tokenizer, self.splits.tasks, job.max_length)
         torch.manual_seed(seed)  # a new classification head is initialised here
         self.pristine = self._load_base()
-        self.targets = (job.settings or {}).get("target_modules") or default_targets(self.pristine)
-        self.shapes = {name: linear_shape(m) for name, m in find_targets(self.pristine, self.targets).items()}
+        self.targets = job.settings.get("target_modules") or default_targets(self.pristine)
+        self.shapes = target_shapes(self.pristine, self.targets)
 
     def _load_base(self):
         if self.kind == "classify":
@@ -129,7 +128,7 @@ class Workspace:
         """Each method's rank: --rank for all, or the budget planner's choice."""
         if self.job.budget is None:
             return {m: (self.job.rank or 8, f"rank {self.job.rank or 8} (given)") for m in self.job.methods}
-        shared = self.job.settings or {}
+        shared = self.job.settings
         plans = plan_all(self.job.methods, self.shapes, self.job.budget, num_experts=shared.get("num_experts", 8),
                          share=shared.get("share", "by_name"), freeze_factors=shared.get("freeze_factors", False))
         return {plan.method: (plan.rank, plan.note) for plan in plans}
@@ -138,7 +137,7 @@ class Workspace:
 def run_method(space: Workspace, method: str, rank: int, folder: Path, stop_after: int | None = None) -> dict:
     """Train, evaluate and save one method in ``folder``; resumes from a checkpoint there."""
     job = space.job
-    settings = Settings(method=method, rank=rank, **{**(job.settings or {}), "target_modules": space.targets})
+    settings = Settings(method=method, rank=rank, **{**job.settings, "target_modules": space.targets})
     main = distributed.is_main()
     if main:
         folder.mkdir(parents=True, exist_ok=True)

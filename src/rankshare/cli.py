@@ -154,7 +154,37 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, help="results folder (default: runs/<time>-bench)")
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     bench.add_argument("--quiet", action="store_true")
+
+    study = commands.add_parser("study", help="the evidence study behind docs/RESULTS.md (resumable)",
+                                description="Reproduce LoTR's and MoR's claims: rank sweeps of LoRA and LoTR on MiniLM "
+                                "and SmolLM2, LoRA vs MoR vs MoE-LoRA at one budget on news+sentiment, 3 seeds, learning "
+                                "rates chosen on validation. Full: under 2 hours on 2 CPU cores; --quick: a few minutes. "
+                                "Finished runs are kept in --out and not trained again.")
+    study.add_argument("--quick", action="store_true", help="one seed, one rank, a few steps: checks the machinery")
+    study.add_argument("--parts", help="comma-separated part names to run (default: all)")
+    study.add_argument("--out", type=Path, help="results folder (default: docs/results, or runs/study-quick)")
+    study.add_argument("--redraw", action="store_true", help="only redraw summary.md and the plots from the records")
+    study.add_argument("--quiet", action="store_true")
     return parser
+
+
+def _run_study(args) -> None:
+    from .study.plan import full_plan, quick_plan
+    from .study.report import write_summary
+    from .study.runner import run_study
+
+    parts = quick_plan() if args.quick else full_plan()
+    out = args.out or Path("runs/study-quick" if args.quick else "docs/results")
+    names = [p.name for p in parts]
+    chosen = names if not args.parts else [n.strip() for n in args.parts.split(",") if n.strip()]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        raise RankshareError(f"--parts: no part named {', '.join(unknown)}; the parts are {', '.join(names)}.")
+    if not args.redraw:
+        run_study(parts, chosen, out, args.quiet, say=lambda text: print(text, file=sys.stderr))
+    elif not (out / "plan.json").is_file():
+        raise RankshareError(f"--redraw: {out} holds no study (no plan.json); run the study first.")
+    print(f"summary in {write_summary(out)}", file=sys.stderr)
 
 
 def _job_from_args(args):
@@ -220,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command in ("train", "compare"):
             _run_training(args)
+        elif args.command == "study":
+            _run_study(args)
         elif args.command == "bench":
             from .bench import run_bench
             from .bench.report import markdown

@@ -45,7 +45,7 @@ def write_report(out_dir: Path, runs: list[dict]) -> list[Path]:
     # The images are written first, so that report.md never links to an image that is not there yet.
     images = {PARAMETERS_PLOT_NAME: _parameters_figure(runs, split, scores)}
     if any(run.get("router") for run in runs):
-        images[ROUTER_PLOT_NAME] = _router_figure([run for run in runs if run.get("router")])
+        images[ROUTER_PLOT_NAME] = router_figure([run for run in runs if run.get("router")])
     for name, figure in images.items():
         png = io.BytesIO()
         figure.savefig(png, format="png", dpi=120)
@@ -199,7 +199,7 @@ def _average(metrics: dict, key: str) -> float | None:
 # -- the plots ---------------------------------------------------------------------------------------------
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     # Imported here: the table alone (printed by the command line) needs no plotting library. The figure
     # draws on its own Agg canvas, so no interactive backend or global pyplot state is involved.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -226,7 +226,7 @@ def _parameters_figure(runs: list[dict], split: str, scores: dict[str, str]):
         label = _method_name(run) + (f" r={run['rank']}" if run.get("rank") is not None else "")
         points.append((parameters, score if perplexity else 100 * score, label, colours[run["method"]]))
 
-    figure = _new_figure(7, 4.5)
+    figure = new_figure(7, 4.5)
     axes = figure.add_subplot()
     axes.set_xscale("log")
     sizes = [parameters for parameters, *_ in points]
@@ -238,7 +238,7 @@ def _parameters_figure(runs: list[dict], split: str, scores: dict[str, str]):
         axes.annotate(label, (parameters, score), textcoords="offset points", xytext=(7 if right else -7, 6),
                       ha="left" if right else "right", fontsize=10)
     axes.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: _compact(value)))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: compact(value)))
     axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("trainable adapter parameters (log scale)")
     if perplexity:
@@ -254,7 +254,7 @@ def _parameters_figure(runs: list[dict], split: str, scores: dict[str, str]):
     return figure
 
 
-def _compact(value: float) -> str:
+def compact(value: float) -> str:
     """An axis label for a parameter count: 20k, 1.5M."""
     for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if value >= size:
@@ -262,11 +262,11 @@ def _compact(value: float) -> str:
     return f"{value:g}"
 
 
-def _router_figure(mixture_runs: list[dict]):
+def router_figure(mixture_runs: list[dict]):
     """One panel per mixture run: each expert's mean gate (x) for each task (bars), and 1/N dashed."""
     columns = min(3, len(mixture_runs))
     rows = math.ceil(len(mixture_runs) / columns)
-    figure = _new_figure(5.5 * columns, 3.8 * rows)
+    figure = new_figure(5.5 * columns, 3.8 * rows)
     panels = list(figure.subplots(rows, columns, squeeze=False).flat)
     for axes, run in zip(panels, mixture_runs):
         router = run["router"]

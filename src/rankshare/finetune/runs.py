@@ -134,30 +134,32 @@ class Workspace:
         return {plan.method: (plan.rank, plan.note) for plan in plans}
 
 
-def run_method(space: Workspace, method: str, rank: int, folder: Path, stop_after: int | None = None) -> dict:
-    """Train, evaluate and save one method in ``folder``; resumes from a checkpoint there."""
+def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | None = None,
+        splits: tuple[str, ...] = ("validation", "test")):
+    """Train one adapter (resuming from a checkpoint in ``folder``) and evaluate it on ``splits``.
+
+    Returns the trained model and its record (the record is empty if ``stop_after`` ended training early).
+    """
     job = space.job
-    settings = Settings(method=method, rank=rank, **{**job.settings, "target_modules": space.targets})
-    main = distributed.is_main()
-    if main:
+    if distributed.is_main():
         folder.mkdir(parents=True, exist_ok=True)
     base = space.fresh_base()
     heads = head_modules(base) if space.kind == "classify" else []
     if space.kind == "classify":
         name_labels(base, space.splits.tasks)
     model = attach_adapter(base, settings, heads).to(space.device)
-    if main:
+    if distributed.is_main():
         write_json(folder / "run.json", {"job": asdict(job), "settings": asdict(settings), "kind": space.kind,
                                          "tasks": space.splits.tasks, "heads": heads})
     if space.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(space.device)
     timing = train(model, space.objective, space.splits.train, settings, space.device, folder, space.quiet, stop_after)
     if stop_after is not None and stop_after < timing["steps"]:
-        return {}
-    evaluation = evaluate(model, space.objective, space.splits, settings.batch_size, space.device, space.quiet)
+        return model, {}
+    evaluation = evaluate(model, space.objective, space.splits, settings.batch_size, space.device, space.quiet, splits)
     record = {
-        "method": method,
-        "rank": rank,
+        "method": settings.method,
+        "rank": settings.rank,
         "config": {"model": job.model, "data": job.data, "objective": space.kind, "max_length": job.max_length,
                    **asdict(settings), "learning_rate": settings.learning_rate},
         "trainable_parameters": parameter_counts(model, heads),
@@ -173,7 +175,14 @@ def run_method(space: Workspace, method: str, rank: int, folder: Path, stop_afte
         del record["router"]
     if distributed.size() > 1:
         record["processes"] = distributed.size()
-    if main:
+    return model, record
+
+
+def run_method(space: Workspace, method: str, rank: int, folder: Path, stop_after: int | None = None) -> dict:
+    """Train, evaluate and save one method in ``folder``; resumes from a checkpoint there."""
+    settings = Settings(method=method, rank=rank, **{**space.job.settings, "target_modules": space.targets})
+    model, record = fit(space, settings, folder, stop_after)
+    if record and distributed.is_main():
         model.save_pretrained(str(folder / "adapter"))
         write_json(folder / "metrics.json", record)
         (folder / "checkpoint.pt").unlink(missing_ok=True)

@@ -218,13 +218,14 @@ class RouterTracker:
             handle.remove()
 
 
-def evaluate(model, objective: Objective, splits: DataSplits, batch_size: int, device, quiet: bool) -> dict:
+def evaluate(model, objective: Objective, splits: DataSplits, batch_size: int, device, quiet: bool,
+             names: tuple[str, ...] = ("validation", "test")) -> dict:
     model.eval()
     tracker = RouterTracker(model)
     results = {}
     objective.observer = tracker.observe
     try:
-        for split in ("validation", "test"):
+        for split in names:
             examples = distributed.shard(getattr(splits, split))
             with tqdm(total=len(examples), desc=f"eval {split}", disable=quiet or not distributed.is_main(), unit="ex",
                       dynamic_ncols=True) as bar:

@@ -1,0 +1,115 @@
+"""What the evidence study trains: the claims, the models and data, the sizes, and how many runs.
+
+A *part* is one model on one dataset; a *variant* is one method with its options. Each variant trains at
+its ranks (a sweep) or at the rank whose parameter count comes closest to a budget. Its learning rate is
+chosen from the part's grid on the validation split at seed 0 and its ``search_rank``; then every rank
+trains with every seed at that rate. The sizes below keep the full study within two hours of a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Variant:
+    name: str
+    label: str
+    method: str
+    ranks: tuple[int, ...] = ()
+    budget: int | None = None  # instead of ranks: the one rank whose count comes closest to this
+    search_rank: int | None = None  # where the learning rate is chosen; default: the middle rank
+    lr_from: str | None = None  # reuse the rate chosen for another variant of the part
+    options: dict = field(default_factory=dict)  # Settings fields: share, init, freeze_factors, num_experts
+
+
+@dataclass
+class Part:
+    name: str
+    claim: str  # "lotr" (parameter efficiency) or "mor" (multi-task at a matched budget)
+    model: str
+    data: str
+    max_train: int
+    max_eval: int
+    max_length: int
+    batch_size: int
+    learning_rates: tuple[float, ...]
+    seeds: tuple[int, ...]
+    variants: list[Variant]
+    merge_seeds: tuple[int, ...] = ()  # LoTR runs of these seeds are also evaluated merged into the base
+
+
+def lotr_variants(lora: tuple[int, ...], by_name: tuple[int, ...], frozen: tuple[int, ...],
+                  by_shape: tuple[int, ...] = ()) -> list[Variant]:
+    variants = [
+        Variant("lora", "LoRA (PEFT)", "lora", lora),
+        Variant("lotr", "LoTR, U and V per projection", "lotr", by_name, options={"share": "by_name"}),
+    ]
+    if by_shape:
+        variants.append(Variant("lotr-by-shape", "LoTR, U and V per shape", "lotr", by_shape,
+                                options={"share": "by_shape"}))
+    variants.append(Variant("lotr-frozen", "LoTR, Tucker-initialised U and V frozen", "lotr", frozen,
+                            options={"init": "tucker", "freeze_factors": True}))
+    return variants
+
+
+def mixture_variants(budget: int, experts: tuple[int, ...], search_experts: int) -> list[Variant]:
+    variants = [Variant("lora", "LoRA (PEFT)", "lora", budget=budget)]
+    for method, label in (("mor", "MoR"), ("moelora", "MoE-LoRA")):
+        for n in experts:
+            lr_from = None if n == search_experts else f"{method}-n{search_experts}"
+            variants.append(Variant(f"{method}-n{n}", f"{label}, N={n}", method, budget=budget, lr_from=lr_from,
+                                    options={"num_experts": n}))
+    return variants
+
+
+# MiniLM's targets are 12 projections of 384 × 384 (query and value of 6 layers). LoRA rank r has 9,216 r
+# parameters; LoTR's ranks are picked so that its curve spans LoRA's range of counts.
+MINILM_LOTR = lotr_variants(lora=(1, 4, 16), by_name=(8, 24, 64), by_shape=(8, 32, 96), frozen=(16, 64, 128))
+# SmolLM2's query (576 × 576) and value (192 × 576) projections differ in shape, so sharing by shape groups
+# them exactly as sharing by name does: that variant would repeat the by-name runs.
+SMOLLM2_LOTR = lotr_variants(lora=(1, 4), by_name=(16, 48), frozen=(32, 64))
+for _variant in SMOLLM2_LOTR:
+    _variant.search_rank = _variant.ranks[0]
+
+SEEDS = (0, 1, 2)
+MINILM_RATES = (1e-3, 3e-3, 1e-2)
+# 110,592 = LoRA at rank 12 on MiniLM's query and value projections.
+MIXTURE_BUDGET = 110_592
+
+
+def full_plan() -> list[Part]:
+    minilm = {"model": "minilm", "max_train": 960, "max_length": 48, "batch_size": 16,
+              "learning_rates": MINILM_RATES, "seeds": SEEDS}
+    return [
+        Part("lotr-minilm-news", "lotr", data="news", max_eval=200, variants=MINILM_LOTR, merge_seeds=SEEDS, **minilm),
+        Part("lotr-minilm-sentiment", "lotr", data="sentiment", max_eval=500, variants=MINILM_LOTR,
+             merge_seeds=SEEDS, **minilm),
+        Part("mor-minilm-news+sentiment", "mor", data="news+sentiment", max_eval=200,
+             variants=mixture_variants(MIXTURE_BUDGET, (2, 4, 8), search_experts=4), **minilm),
+        Part("lotr-smollm2-sentiment", "lotr", model="smollm2", data="sentiment", max_train=384, max_eval=150,
+             max_length=48, batch_size=8, learning_rates=(1e-3, 3e-3), seeds=SEEDS, variants=SMOLLM2_LOTR,
+             merge_seeds=(0,)),
+    ]
+
+
+def quick_plan() -> list[Part]:
+    """The same parts and code paths, one seed, one rate, one rank per variant, a few steps."""
+    parts = []
+    for part in full_plan():
+        variants = [Variant(**{**asdict(v), "ranks": v.ranks[:1], "search_rank": None}) for v in part.variants]
+        if part.claim == "mor":  # the smallest and largest mixtures, each choosing its own rate
+            variants = [Variant(**{**asdict(v), "lr_from": None}) for v in variants if not v.name.endswith("-n4")]
+        small = part.model == "smollm2"
+        parts.append(Part(part.name, part.claim, part.model, part.data, max_train=16 if small else 64,
+                          max_eval=12 if small else 40, max_length=part.max_length, batch_size=part.batch_size,
+                          learning_rates=part.learning_rates[-1:], seeds=(0,),
+                          variants=[v for v in variants if not small or v.method == "lotr"][:2 if small else None],
+                          merge_seeds=(0,)))
+    return parts
+
+
+def search_rank(variant: Variant, ranks: list[int]) -> int:
+    if variant.search_rank is not None:
+        return variant.search_rank
+    return ranks[len(ranks) // 2]

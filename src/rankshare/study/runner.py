@@ -1,0 +1,150 @@
+"""Run the study's parts: choose each variant's learning rate on validation, then train every rank and seed.
+
+Every run's record is written to ``<out>/<part>/<run>.json`` as soon as it ends and is never trained again:
+an interrupted study goes on where it stopped. The checkpoint of the run in progress lives in
+``<out>/.checkpoints`` and goes when the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..errors import RankshareError
+from ..finetune.budget import plan_rank
+from ..finetune.runs import Job, Workspace, fit, write_json
+from ..finetune.train import Settings, evaluate, versions
+from .plan import Part, Variant, search_rank
+
+PLAN_FILE = "plan.json"
+SEARCH_FILE = "search.json"
+CHECKPOINTS = ".checkpoints"
+
+
+def run_study(parts: list[Part], names: list[str], out: Path, quiet: bool, say) -> None:
+    """Run the parts called ``names`` of the plan ``parts`` (all of which ``out`` records)."""
+    prepare(parts, out)
+    for part in (p for p in parts if p.name in names):
+        started = time.perf_counter()
+        run_part(part, out, quiet, say)
+        say(f"{part.name}: done in {time.perf_counter() - started:.0f} s")
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+
+
+def prepare(parts: list[Part], out: Path) -> None:
+    """Refuse a folder that holds another plan's runs; record the plan and the machine otherwise."""
+    if out.exists() and not out.is_dir():
+        raise RankshareError(f"--out {out} is a file; choose a folder.")
+    plan = {"parts": [asdict(part) for part in parts]}
+    plan = json.loads(json.dumps(plan))  # tuples as lists, as they are read back
+    recorded = out / PLAN_FILE
+    if recorded.is_file():
+        if json.loads(recorded.read_text()).get("parts") != plan["parts"]:
+            raise RankshareError(f"--out {out} holds the runs of another study plan; choose another folder "
+                                 "(or delete it to start again).")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise RankshareError(f"--out {out} already holds other files; choose an empty or new folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    machine = {"processor": platform.processor() or platform.machine(), "cpus": torch.get_num_threads(),
+               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    write_json(recorded, {**plan, "machine": machine, "versions": versions()})
+
+
+def run_part(part: Part, out: Path, quiet: bool, say) -> None:
+    started = time.perf_counter()
+    job = Job(methods=[], model=part.model, data=part.data, max_train=part.max_train, max_eval=part.max_eval,
+              max_length=part.max_length, settings={"seed": 0})  # one split and tokenisation for every run
+    space = Workspace(job, quiet=True)
+    load_seconds = time.perf_counter() - started
+    folder = out / part.name
+    folder.mkdir(parents=True, exist_ok=True)
+    ranks = {v.name: variant_ranks(v, space) for v in part.variants}
+    chosen, search = {}, {}
+    for variant in part.variants:
+        if variant.lr_from:
+            continue
+        rank = search_rank(variant, ranks[variant.name])
+        scores = {}
+        for lr in part.learning_rates:
+            record = run_once(space, part, variant, rank, lr, 0, ("validation", "test"), out, quiet, say)
+            scores[lr] = record["metrics"]["validation"]["average"]["accuracy"]
+        chosen[variant.name] = max(part.learning_rates, key=lambda lr: scores[lr])  # ties: the grid's first
+        search[variant.name] = {"rank": rank, "validation_accuracy": {f"{lr:g}": s for lr, s in scores.items()},
+                                "chosen": chosen[variant.name]}
+    # Written before the final runs: the report reads each variant's chosen rate from here.
+    write_json(folder / SEARCH_FILE, {"learning_rates": search, "load_seconds": load_seconds, "targets": space.targets,
+                                      "examples": {"train": len(space.splits.train),
+                                                   "validation": len(space.splits.validation),
+                                                   "test": len(space.splits.test)}})
+    for variant in part.variants:
+        lr = chosen[variant.lr_from or variant.name]
+        for rank in ranks[variant.name]:
+            for seed in part.seeds:
+                run_once(space, part, variant, rank, lr, seed, ("test",), out, quiet, say)
+
+
+def variant_ranks(variant: Variant, space: Workspace) -> list[int]:
+    if variant.budget is None:
+        return list(variant.ranks)
+    options = {k: v for k, v in variant.options.items() if k in ("num_experts", "share", "freeze_factors")}
+    plan = plan_rank(variant.method, space.shapes, variant.budget, **options)
+    if plan.rank is None:
+        raise RankshareError(f"Study variant {variant.name}: {plan.note}.")
+    return [plan.rank]
+
+
+def run_name(variant: Variant, rank: int, lr: float, seed: int) -> str:
+    return f"{variant.name}-r{rank}-lr{lr:g}-s{seed}"
+
+
+def run_once(space: Workspace, part: Part, variant: Variant, rank: int, lr: float, seed: int,
+             splits: tuple[str, ...], out: Path, quiet: bool, say) -> dict:
+    name = run_name(variant, rank, lr, seed)
+    path = out / part.name / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    started = time.perf_counter()
+    settings = Settings(method=variant.method, rank=rank, lr=lr, seed=seed, batch_size=part.batch_size,
+                        target_modules=space.targets, **variant.options)
+    _initialise_head(space, seed)
+    checkpoints = out / CHECKPOINTS / part.name / name
+    model, record = fit(space, settings, checkpoints, splits=splits)
+    record.update(part=part.name, variant=variant.name, label=variant.label)
+    if variant.method == "lotr" and seed in part.merge_seeds:
+        record["merged"] = merged_evaluation(model, space, part.batch_size)
+    record["wall_seconds"] = time.perf_counter() - started
+    write_json(path, record)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    scores = "  ".join(f"{split} {record['metrics'][split]['average']['accuracy']:.3f}" for split in splits)
+    say(f"{part.name} {name}: {scores}  ({record['wall_seconds']:.0f} s)")
+    return record
+
+
+def _initialise_head(space: Workspace, seed: int) -> None:
+    """A new classification head per seed, so that the seeds vary everything a run draws at random."""
+    if space.kind != "classify":
+        return
+    torch.manual_seed(seed)
+    for name in ("classifier", "score"):
+        if hasattr(space.pristine, name):
+            getattr(space.pristine, name).apply(space.pristine._init_weights)
+
+
+@torch.no_grad()
+def merged_evaluation(model, space: Workspace, batch_size: int) -> dict:
+    """Merge the LoTR update into the base weights and evaluate again: the scores and the largest change in
+    the model's outputs on the first test batch."""
+    batch = space.objective.batch(space.splits.test[:batch_size], space.device)
+    before = space.objective.forward(model, batch.inputs, batch.examples).logits.float()
+    plain = model.merge_and_unload()
+    after = space.objective.forward(plain, batch.inputs, batch.examples).logits.float()
+    scores = evaluate(plain, space.objective, space.splits, batch_size, space.device, True, ("test",))["metrics"]
+    return {"metrics": scores, "max_abs_output_difference": (after - before).abs().max().item(),
+            "output_scale": before.abs().max().item()}

@@ -73,7 +73,7 @@ for _variant in SMOLLM2_LOTR:
     _variant.search_rank = _variant.ranks[0]
 
 SEEDS = (0, 1, 2)
-MINILM_RATES = (1e-3, 3e-3, 1e-2)
+MINILM_RATES = (3e-3, 1e-2, 3e-2)
 # 110,592 = LoRA at rank 12 on MiniLM's query and value projections.
 MIXTURE_BUDGET = 110_592
 
@@ -88,7 +88,7 @@ def full_plan() -> list[Part]:
         Part("mor-minilm-news+sentiment", "mor", data="news+sentiment", max_eval=200,
              variants=mixture_variants(MIXTURE_BUDGET, (2, 4, 8), search_experts=4), **minilm),
         Part("lotr-smollm2-sentiment", "lotr", model="smollm2", data="sentiment", max_train=384, max_eval=150,
-             max_length=48, batch_size=8, learning_rates=(1e-3, 3e-3), seeds=SEEDS, variants=SMOLLM2_LOTR,
+             max_length=48, batch_size=8, learning_rates=(1e-3, 3e-3, 1e-2), seeds=SEEDS, variants=SMOLLM2_LOTR,
              merge_seeds=(0,)),
     ]
 

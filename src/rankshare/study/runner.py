@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import RankshareError
 from ..finetune.budget import plan_rank
@@ -127,14 +128,20 @@ def run_once(space: Workspace, part: Part, variant: Variant, rank: int, lr: floa
     return record
 
 
+@torch.no_grad()
 def _initialise_head(space: Workspace, seed: int) -> None:
-    """A new classification head per seed, so that the seeds vary everything a run draws at random."""
+    """A new classification head per seed, so that the seeds vary everything a run draws at random. Drawn as
+    transformers draws a new head: normal(0, initializer_range) weights, zero biases."""
     if space.kind != "classify":
         return
     torch.manual_seed(seed)
+    std = getattr(space.pristine.config, "initializer_range", 0.02)
     for name in ("classifier", "score"):
-        if hasattr(space.pristine, name):
-            getattr(space.pristine, name).apply(space.pristine._init_weights)
+        for module in getattr(space.pristine, name).modules() if hasattr(space.pristine, name) else []:
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
 
 @torch.no_grad()

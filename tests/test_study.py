@@ -1,0 +1,159 @@
+"""The evidence study's machinery: its plan, the choice of learning rates, resumption, the merged check and
+the statistics of its summary (the study's figures themselves are in docs/RESULTS.md)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from rankshare.cli import main
+from rankshare.finetune.budget import adapter_parameters, plan_rank
+from rankshare.finetune.models import resolve_model
+from rankshare.finetune.runs import fit
+from rankshare.study import runner
+from rankshare.study.plan import MIXTURE_BUDGET, Part, Variant, full_plan, quick_plan
+from rankshare.study.report import mean_std, points, specialisation, write_summary
+
+MINILM_SHAPES = {f"layer.{i}.{name}": (384, 384) for i in range(6) for name in ("query", "value")}
+SMOLLM2_SHAPES = {**{f"layers.{i}.q_proj": (576, 576) for i in range(30)},
+                  **{f"layers.{i}.v_proj": (192, 576) for i in range(30)}}
+
+
+def test_full_plan_follows_the_rules():
+    parts = {part.name: part for part in full_plan()}
+    assert set(parts) == {"lotr-minilm-news", "lotr-minilm-sentiment", "mor-minilm-news+sentiment",
+                          "lotr-smollm2-sentiment"}
+    for part in parts.values():
+        assert part.seeds == (0, 1, 2) and len(part.learning_rates) >= 2
+        searched = {v.name for v in part.variants if not v.lr_from}
+        assert all(v.lr_from in searched for v in part.variants if v.lr_from)
+    for name in ("lotr-minilm-news", "lotr-minilm-sentiment"):
+        options = [v.options for v in parts[name].variants if v.method == "lotr"]
+        assert {"share": "by_shape"} in options and {"init": "tucker", "freeze_factors": True} in options
+    mixtures = [v for v in parts["mor-minilm-news+sentiment"].variants if v.method != "lora"]
+    assert sorted((v.method, v.options["num_experts"]) for v in mixtures) == [
+        ("moelora", 2), ("moelora", 4), ("moelora", 8), ("mor", 2), ("mor", 4), ("mor", 8)]
+
+
+def test_sweeps_span_the_same_parameter_range():
+    """LoTR's sweep must cover LoRA's range of counts, or the curves could not be compared at equal size."""
+    for part, shapes in ((full_plan()[0], MINILM_SHAPES), (full_plan()[3], SMOLLM2_SHAPES)):
+        counts = {v.name: [adapter_parameters(v.method, shapes, r, share=v.options.get("share", "by_name"),
+                                              freeze_factors=v.options.get("freeze_factors", False)) for r in v.ranks]
+                  for v in part.variants}
+        assert counts["lotr"][0] < counts["lora"][0] * 1.5 and counts["lotr"][-1] >= counts["lora"][-1]
+    # the closed forms, by hand: LoRA 2 projections x 6 layers x r (384 + 384); LoTR per group r·768 + 6 r²
+    assert adapter_parameters("lora", MINILM_SHAPES, 16) == 16 * 768 * 12 == 147_456
+    assert adapter_parameters("lotr", MINILM_SHAPES, 64) == 2 * (64 * 768 + 6 * 64 * 64) == 147_456
+
+
+def test_mixtures_are_compared_at_the_budget():
+    for v in full_plan()[2].variants:
+        plan = plan_rank(v.method, MINILM_SHAPES, MIXTURE_BUDGET, num_experts=v.options.get("num_experts", 8))
+        assert abs(plan.parameters - MIXTURE_BUDGET) <= 0.2 * MIXTURE_BUDGET, (v.name, plan.note)
+
+
+def test_quick_plan_runs_the_same_parts_smaller():
+    full, quick = full_plan(), quick_plan()
+    assert [p.name for p in quick] == [p.name for p in full]
+    for small, big in zip(quick, full):
+        assert small.max_train < big.max_train and small.seeds == (0,)
+        assert {v.name for v in small.variants} <= {v.name for v in big.variants}
+        assert all(v.lr_from is None for v in small.variants)
+
+
+def test_summary_statistics():
+    assert mean_std([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.1))
+    assert mean_std([0.8]) == (0.8, 0.0)
+    assert specialisation({"a": [0.5, 0.5], "b": [0.5, 0.5]}) == 0
+    assert specialisation({"a": [1.0, 0.0], "b": [0.0, 1.0]}) == 1
+    assert specialisation({"a": [0.7, 0.2, 0.1], "b": [0.4, 0.4, 0.2]}) == pytest.approx(0.3)
+    runs = [{"rank": r, "trainable_parameters": {"adapter": 10 * r, "head": 3}, "train_seconds": 1.0,
+             "metrics": {"test": {"average": {"accuracy": a, "macro_f1": a / 2}}}}
+            for r, a in ((2, 0.5), (2, 0.7), (1, 0.4))]
+    one, two = points(runs)
+    assert (one["rank"], one["parameters"], one["seeds"]) == (1, 10, 1)
+    assert two["accuracy"] == pytest.approx((0.6, statistics.stdev([0.5, 0.7])))
+
+
+@pytest.fixture(scope="module")
+def tiny_part(tmp_path_factory) -> Part:
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model("minilm").path).save_pretrained(folder)
+    data = tmp_path_factory.mktemp("data") / "colours.csv"
+    generator = torch.Generator().manual_seed(0)
+    words = {"red": "apple cherry blood rose fire", "blue": "sea sky ice whale jeans"}
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for label, vocabulary in words.items():
+            for i in range(40):
+                picks = torch.randint(0, 5, (6,), generator=generator).tolist()
+                writer.writerow([" ".join(vocabulary.split()[p] for p in picks) + f" {i}", label])
+    variants = [Variant("lora", "LoRA", "lora", (1, 2)),
+                Variant("lotr", "LoTR", "lotr", (2, 4), search_rank=4),
+                Variant("lotr-frozen", "LoTR frozen", "lotr", (4,), lr_from="lotr",
+                        options={"init": "tucker", "freeze_factors": True})]
+    return Part("tiny", "lotr", str(folder), str(data), max_train=32, max_eval=12, max_length=16, batch_size=8,
+                learning_rates=(1e-3, 3e-2), seeds=(0, 1), variants=variants, merge_seeds=(1,))
+
+
+def test_study_chooses_rates_on_validation_and_resumes(tiny_part, tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    runner.run_study([tiny_part], ["tiny"], out, quiet=True, say=lambda text: None)
+    folder = out / "tiny"
+    search = json.loads((folder / "search.json").read_text())["learning_rates"]
+    assert set(search) == {"lora", "lotr"}  # lotr-frozen borrows lotr's rate
+    for name, result in search.items():
+        searched = {lr: json.loads((folder / f"{name}-r{result['rank']}-lr{lr:g}-s0.json").read_text())
+                    for lr in tiny_part.learning_rates}
+        best = max(tiny_part.learning_rates, key=lambda lr: searched[lr]["metrics"]["validation"]["average"]["accuracy"])
+        assert result["chosen"] == best and result["rank"] == {"lora": 2, "lotr": 4}[name]
+    lr = search["lotr"]["chosen"]
+    final = json.loads((folder / f"lotr-frozen-r4-lr{lr:g}-s1.json").read_text())
+    assert set(final["metrics"]) == {"test"}  # test scores only outside the search
+    assert final["trainable_parameters"]["adapter"] == 2 * 2 * 4 * 4  # two groups of 2 layers, cores only
+    assert final["merged"]["metrics"] == final["metrics"] and final["merged"]["max_abs_output_difference"] < 1e-5
+    assert not (out / runner.CHECKPOINTS).exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(runner, "fit", no_training)
+    runner.run_study([tiny_part], ["tiny"], out, quiet=True, say=lambda text: None)
+    summary = write_summary(out).read_text()
+    assert "| LoTR frozen | 4 | 64 |" in summary and (out / "tiny.png").is_file()
+    other = Part(**{**tiny_part.__dict__, "seeds": (0,)})
+    with pytest.raises(ValueError, match="another study plan"):
+        runner.run_study([other], ["tiny"], out, quiet=True, say=lambda text: None)
+
+
+def test_seeds_redraw_the_new_head(tiny_part, tmp_path):
+    space = runner.Workspace(runner.Job(methods=[], model=tiny_part.model, data=tiny_part.data, max_train=8,
+                                        max_eval=4, max_length=16), quiet=True)
+    heads = []
+    for seed in (0, 1, 0):
+        runner._initialise_head(space, seed)
+        heads.append(space.pristine.classifier.weight.detach().clone())
+    assert torch.equal(heads[0], heads[2]) and not torch.equal(heads[0], heads[1])
+    assert fit is runner.fit  # the study trains through the command line's own function
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--parts", "nope"], "no part named nope"),
+    (["--redraw"], "holds no study"),
+])
+def test_study_bad_input_is_one_line(args, message, tmp_path, capsys):
+    assert main(["study", "--quick", "--out", str(tmp_path / "empty"), *args]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error

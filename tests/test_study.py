@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,9 +27,10 @@ SMOLLM2_SHAPES = {**{f"layers.{i}.q_proj": (576, 576) for i in range(30)},
 def test_full_plan_follows_the_rules():
     parts = {part.name: part for part in full_plan()}
     assert set(parts) == {"lotr-minilm-news", "lotr-minilm-sentiment", "mor-minilm-news+sentiment",
-                          "lotr-smollm2-sentiment"}
+                          "lotr-smollm2-sentiment", "lotr-minilm-sentiment-lower-rate"}
     for part in parts.values():
-        assert part.seeds == (0, 1, 2) and len(part.learning_rates) >= 2
+        assert part.seeds == (0, 1, 2)
+        assert len(part.learning_rates) >= 2 or part.name.endswith("lower-rate")  # a fixed rate, said in its name
         searched = {v.name for v in part.variants if not v.lr_from}
         assert all(v.lr_from in searched for v in part.variants if v.lr_from)
     for name in ("lotr-minilm-news", "lotr-minilm-sentiment"):
@@ -133,9 +133,12 @@ def test_study_chooses_rates_on_validation_and_resumes(tiny_part, tmp_path, monk
     runner.run_study([tiny_part], ["tiny"], out, quiet=True, say=lambda text: None)
     summary = write_summary(out).read_text()
     assert "| LoTR frozen | 4 | 64 |" in summary and (out / "tiny.png").is_file()
-    other = Part(**{**tiny_part.__dict__, "seeds": (0,)})
+    added = Part(**{**tiny_part.__dict__, "name": "added"})
+    runner.run_study([tiny_part, added], ["tiny"], out, quiet=True, say=lambda text: None)  # a new part is welcome
+    assert [p["name"] for p in json.loads((out / runner.PLAN_FILE).read_text())["parts"]] == ["tiny", "added"]
+    changed = Part(**{**tiny_part.__dict__, "seeds": (0,)})
     with pytest.raises(ValueError, match="another study plan"):
-        runner.run_study([other], ["tiny"], out, quiet=True, say=lambda text: None)
+        runner.run_study([changed, added], ["tiny"], out, quiet=True, say=lambda text: None)
 
 
 def test_seeds_redraw_the_new_head(tiny_part, tmp_path):

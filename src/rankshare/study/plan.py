@@ -90,6 +90,13 @@ def full_plan() -> list[Part]:
         Part("lotr-smollm2-sentiment", "lotr", model="smollm2", data="sentiment", max_train=384, max_eval=150,
              max_length=48, batch_size=8, learning_rates=(1e-3, 3e-3, 1e-2), seeds=SEEDS, variants=SMOLLM2_LOTR,
              merge_seeds=(0,)),
+        # Added after the first full run: with trainable U and V, 3 of 9 runs at ranks >= 32 on sentiment fell to
+        # the majority class at the rate chosen at the middle rank (1e-2). The same runs at 3e-3:
+        Part("lotr-minilm-sentiment-lower-rate", "lotr", data="sentiment", max_eval=500, merge_seeds=(),
+             variants=[Variant("lotr", "LoTR, U and V per projection", "lotr", (64,), options={"share": "by_name"}),
+                       Variant("lotr-by-shape", "LoTR, U and V per shape", "lotr", (32, 96), search_rank=32,
+                               options={"share": "by_shape"})],
+             **{**minilm, "learning_rates": (3e-3,)}),
     ]
 
 

@@ -162,9 +162,11 @@ def mor_figure(part: Part, runs: dict[str, list[dict]]):
                           textcoords="offset points", xytext=(5, -12), fontsize=8, color=f"C{colour}")
         colour += 1
     axes.set_xscale("log", base=2)
-    axes.set_xlabel("experts N (every adapter at the same parameter budget)")
+    experts = sorted({v.options["num_experts"] for v in part.variants if "num_experts" in v.options})
+    axes.set_xticks(experts, [str(n) for n in experts])
+    axes.set_xlabel("experts N (each rank chosen to come closest to the budget)")
     axes.set_ylabel("average test accuracy (%), mean ± std")
-    axes.set_title(f"{part.model} on {part.data}, budget {compact(part.variants[0].budget or 0)} parameters")
+    axes.set_title(f"{part.model} on {part.data}, a budget of {part.variants[0].budget or 0:,} adapter parameters")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
     return figure
@@ -175,7 +177,11 @@ def mor_router_figure(part: Part, runs: dict[str, list[dict]]):
     largest = max((v.options.get("num_experts", 0) for v in part.variants if v.method != "lora"), default=0)
     chosen = [r for v in part.variants if v.method != "lora" and v.options.get("num_experts") == largest
               for r in runs[v.name] if r["seed"] == min(part.seeds) and r.get("router")]
-    return router_figure(chosen) if chosen else None
+    if not chosen:
+        return None
+    figure = router_figure(chosen)
+    figure.suptitle(f"Mean router gate per expert and task, N={largest}, seed {min(part.seeds)} (test split)")
+    return figure
 
 
 def merge_rows(part: Part, runs: dict[str, list[dict]]) -> list[str] | None:

@@ -8,6 +8,7 @@ an interrupted study goes on where it stopped. The checkpoint of the run in prog
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -31,6 +32,9 @@ CHECKPOINTS = ".checkpoints"
 def run_study(parts: list[Part], names: list[str], out: Path, quiet: bool, say) -> None:
     """Run the parts called ``names`` of the plan ``parts`` (all of which ``out`` records)."""
     prepare(parts, out)
+    finished = [p for name in names for p in (out / name).glob("*.json") if p.name != SEARCH_FILE]
+    if finished:
+        say(f"{len(finished)} finished runs in {out} are kept, not trained again")
     for part in (p for p in parts if p.name in names):
         started = time.perf_counter()
         run_part(part, out, quiet, say)
@@ -39,30 +43,37 @@ def run_study(parts: list[Part], names: list[str], out: Path, quiet: bool, say) 
 
 
 def prepare(parts: list[Part], out: Path) -> None:
-    """Refuse a folder that holds another plan's runs; record the plan and the machine otherwise."""
+    """Refuse a folder that holds runs of other settings; record the plan and the machine otherwise.
+
+    A plan may add parts to a study already run: the finished parts are kept.
+    """
     if out.exists() and not out.is_dir():
         raise RankshareError(f"--out {out} is a file; choose a folder.")
-    plan = {"parts": [asdict(part) for part in parts]}
-    plan = json.loads(json.dumps(plan))  # tuples as lists, as they are read back
+    plan = json.loads(json.dumps([asdict(part) for part in parts]))  # tuples as lists, as they are read back
     recorded = out / PLAN_FILE
     if recorded.is_file():
-        if json.loads(recorded.read_text()).get("parts") != plan["parts"]:
+        before = json.loads(recorded.read_text())
+        current = {part["name"]: part for part in plan}
+        if any(current.get(part["name"]) != part for part in before["parts"]):
             raise RankshareError(f"--out {out} holds the runs of another study plan; choose another folder "
                                  "(or delete it to start again).")
+        if len(plan) > len(before["parts"]):
+            write_json(recorded, {**before, "parts": plan})
         return
     if out.exists() and any(out.iterdir()):
         raise RankshareError(f"--out {out} already holds other files; choose an empty or new folder.")
     out.mkdir(parents=True, exist_ok=True)
-    machine = {"processor": platform.processor() or platform.machine(), "cpus": torch.get_num_threads(),
+    machine = {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+               "threads": torch.get_num_threads(),
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    write_json(recorded, {**plan, "machine": machine, "versions": versions()})
+    write_json(recorded, {"parts": plan, "machine": machine, "versions": versions()})
 
 
 def run_part(part: Part, out: Path, quiet: bool, say) -> None:
     started = time.perf_counter()
     job = Job(methods=[], model=part.model, data=part.data, max_train=part.max_train, max_eval=part.max_eval,
               max_length=part.max_length, settings={"seed": 0})  # one split and tokenisation for every run
-    space = Workspace(job, quiet=True)
+    space = Workspace(job, quiet)  # progress bars unless quiet
     load_seconds = time.perf_counter() - started
     folder = out / part.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,7 +85,7 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
         rank = search_rank(variant, ranks[variant.name])
         scores = {}
         for lr in part.learning_rates:
-            record = run_once(space, part, variant, rank, lr, 0, ("validation", "test"), out, quiet, say)
+            record = run_once(space, part, variant, rank, lr, 0, ("validation", "test"), out, say)
             scores[lr] = record["metrics"]["validation"]["average"]["accuracy"]
         chosen[variant.name] = max(part.learning_rates, key=lambda lr: scores[lr])  # ties: the grid's first
         search[variant.name] = {"rank": rank, "validation_accuracy": {f"{lr:g}": s for lr, s in scores.items()},
@@ -88,7 +99,7 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
         lr = chosen[variant.lr_from or variant.name]
         for rank in ranks[variant.name]:
             for seed in part.seeds:
-                run_once(space, part, variant, rank, lr, seed, ("test",), out, quiet, say)
+                run_once(space, part, variant, rank, lr, seed, ("test",), out, say)
 
 
 def variant_ranks(variant: Variant, space: Workspace) -> list[int]:
@@ -106,7 +117,7 @@ def run_name(variant: Variant, rank: int, lr: float, seed: int) -> str:
 
 
 def run_once(space: Workspace, part: Part, variant: Variant, rank: int, lr: float, seed: int,
-             splits: tuple[str, ...], out: Path, quiet: bool, say) -> dict:
+             splits: tuple[str, ...], out: Path, say) -> dict:
     name = run_name(variant, rank, lr, seed)
     path = out / part.name / f"{name}.json"
     if path.is_file():

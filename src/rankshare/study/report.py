@@ -20,6 +20,8 @@ from .plan import Part, Variant
 from .runner import PLAN_FILE, SEARCH_FILE
 
 SUMMARY = "summary.md"
+# One colour per variant in every plot.
+COLOURS = {"lora": "C0", "lotr": "C1", "lotr-by-shape": "C2", "lotr-frozen": "C3"}
 
 
 def load_parts(out: Path) -> list[Part]:
@@ -103,16 +105,17 @@ def lotr_figure(part: Part, runs: dict[str, list[dict]]):
         series = points(runs[variant.name])
         if not series:
             continue
+        colour = COLOURS.get(variant.name, f"C{i + len(COLOURS)}")
         axes.errorbar([p["parameters"] for p in series], [100 * p["accuracy"][0] for p in series],
-                      yerr=[100 * p["accuracy"][1] for p in series], marker="o", capsize=4, color=f"C{i}",
+                      yerr=[100 * p["accuracy"][1] for p in series], marker="o", capsize=4, color=colour,
                       label=variant.label)
         for p in series:
             axes.annotate(f"r={p['rank']}", (p["parameters"], 100 * p["accuracy"][0]), textcoords="offset points",
-                          xytext=(5, -12), fontsize=8, color=f"C{i}")
+                          xytext=(5, -12), fontsize=8, color=colour)
     axes.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: compact(value)))
     axes.xaxis.set_minor_formatter(NullFormatter())
-    axes.set_xlabel("trainable adapter parameters (log scale; the head is the same for all)")
+    axes.set_xlabel("trainable adapter parameters (log scale; a classification head is not counted)")
     axes.set_ylabel("test accuracy (%), mean ± std over seeds")
     axes.set_title(f"{part.model} on {part.data}")
     axes.grid(True, which="both", alpha=0.3)

@@ -9,14 +9,16 @@ import statistics
 
 import pytest
 import torch
+
+import rankshare as rs
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from rankshare.cli import main
 from rankshare.finetune.budget import adapter_parameters, plan_rank
 from rankshare.finetune.models import resolve_model
-from rankshare.finetune.runs import fit
 from rankshare.study import runner
 from rankshare.study.plan import MIXTURE_BUDGET, Part, Variant, full_plan, quick_plan
+from rankshare.finetune.train import RouterTracker
 from rankshare.study.report import mean_std, points, specialisation, write_summary
 
 MINILM_SHAPES = {f"layer.{i}.{name}": (384, 384) for i in range(6) for name in ("query", "value")}
@@ -47,7 +49,8 @@ def test_sweeps_span_the_same_parameter_range():
         counts = {v.name: [adapter_parameters(v.method, shapes, r, share=v.options.get("share", "by_name"),
                                               freeze_factors=v.options.get("freeze_factors", False)) for r in v.ranks]
                   for v in part.variants}
-        assert counts["lotr"][0] < counts["lora"][0] * 1.5 and counts["lotr"][-1] >= counts["lora"][-1]
+        for name, sweep in counts.items():  # every LoTR curve starts near LoRA's smallest and reaches its largest
+            assert sweep[0] < counts["lora"][0] * 1.5 and sweep[-1] >= counts["lora"][-1], (part.name, name, sweep)
     # the closed forms, by hand: LoRA 2 projections x 6 layers x r (384 + 384); LoTR per group r·768 + 6 r²
     assert adapter_parameters("lora", MINILM_SHAPES, 16) == 16 * 768 * 12 == 147_456
     assert adapter_parameters("lotr", MINILM_SHAPES, 64) == 2 * (64 * 768 + 6 * 64 * 64) == 147_456
@@ -71,9 +74,12 @@ def test_quick_plan_runs_the_same_parts_smaller():
 def test_summary_statistics():
     assert mean_std([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.1))
     assert mean_std([0.8]) == (0.8, 0.0)
-    assert specialisation({"a": [0.5, 0.5], "b": [0.5, 0.5]}) == 0
-    assert specialisation({"a": [1.0, 0.0], "b": [0.0, 1.0]}) == 1
-    assert specialisation({"a": [0.7, 0.2, 0.1], "b": [0.4, 0.4, 0.2]}) == pytest.approx(0.3)
+    assert specialisation({"a": [[0.5, 0.5]], "b": [[0.5, 0.5]]}) == 0
+    assert specialisation({"a": [[1.0, 0.0]], "b": [[0.0, 1.0]]}) == 1
+    # per layer, then averaged: layers that swap experts are fully specialised, though the layer means agree
+    assert specialisation({"a": [[1.0, 0.0], [0.0, 1.0]], "b": [[0.0, 1.0], [1.0, 0.0]]}) == 1
+    assert specialisation({"a": [[0.7, 0.2, 0.1], [0.5, 0.5, 0.0]], "b": [[0.4, 0.4, 0.2], [0.5, 0.5, 0.0]]}) == pytest.approx(0.15)
+    assert specialisation({"a": [[1.0]]}) is None
     runs = [{"rank": r, "trainable_parameters": {"adapter": 10 * r, "head": 3}, "train_seconds": 1.0,
              "metrics": {"test": {"average": {"accuracy": a, "macro_f1": a / 2}}}}
             for r, a in ((2, 0.5), (2, 0.7), (1, 0.4))]
@@ -149,7 +155,7 @@ def test_seeds_redraw_the_new_head(tiny_part, tmp_path):
         runner._initialise_head(space, seed)
         heads.append(space.pristine.classifier.weight.detach().clone())
     assert torch.equal(heads[0], heads[2]) and not torch.equal(heads[0], heads[1])
-    assert fit is runner.fit  # the study trains through the command line's own function
+    assert heads[1].std().item() == pytest.approx(space.pristine.config.initializer_range, rel=0.5)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -160,3 +166,57 @@ def test_study_bad_input_is_one_line(args, message, tmp_path, capsys):
     assert main(["study", "--quick", "--out", str(tmp_path / "empty"), *args]) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and "\n" not in error
+
+
+def test_rates_are_chosen_on_validation_not_test(tiny_part, tmp_path, monkeypatch):
+    """Scripted scores where validation prefers 3e-2 and test prefers 1e-3: the study must follow validation,
+    report only the final runs at that rate, and average them over seeds."""
+
+    def scripted_fit(space, settings, folder, stop_after=None, splits=("validation", "test")):
+        scores = {"validation": {1e-3: 0.5, 3e-2: 0.9}[settings.lr],
+                  "test": {1e-3: 0.8, 3e-2: 0.6}[settings.lr] + settings.seed / 100}
+        metrics = {split: {"average": {"accuracy": scores[split], "macro_f1": scores[split] / 2}} for split in splits}
+        return None, {"method": settings.method, "rank": settings.rank, "seed": settings.seed, "metrics": metrics,
+                      "config": {"lr": settings.lr}, "trainable_parameters": {"adapter": 10 * settings.rank, "head": 2},
+                      "train_seconds": 1.0}
+
+    monkeypatch.setattr(runner, "fit", scripted_fit)
+    part = Part(**{**tiny_part.__dict__, "name": "scripted", "learning_rates": (1e-3, 3e-2), "seeds": (0, 1, 2),
+                   "variants": [Variant("lora", "LoRA", "lora", (1, 2))]})
+    out = tmp_path / "study"
+    runner.run_study([part], ["scripted"], out, quiet=True, say=lambda text: None)
+    search = json.loads((out / "scripted" / "search.json").read_text())["learning_rates"]["lora"]
+    assert search == {"rank": 2, "validation_accuracy": {"0.001": 0.5, "0.03": 0.9}, "chosen": 3e-2}
+    summary = write_summary(out).read_text()
+    # test accuracy at 3e-2 over seeds 0, 1, 2: 60, 61, 62 -> 61.0 ± 1.0; macro-F1 half of it
+    assert "| LoRA | 1 | 10 | 61.0 ± 1.0 | 30.5 ± 0.5 | 3 | 1 |" in summary
+    assert "| LoRA | 2 | 20 | 61.0 ± 1.0 | 30.5 ± 0.5 | 3 | 1 |" in summary
+    assert "0.001: 50.0, 0.03: 90.0 | 0.03 (top of the grid) |" in summary
+
+
+def test_router_statistics_are_kept_per_layer():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=24, max_position_embeddings=16, num_labels=2)
+    model = rs.adapt(BertForSequenceClassification(config).eval(),
+                     rs.MorConfig(rank=2, num_experts=3, target_modules=["query", "value"]))
+    layers = [m for m in model.modules() if isinstance(m, rs.mixture.MixtureLayer)]
+    inputs = {}  # each layer's input, seen by a hook of our own
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda module, args: inputs.__setitem__(module, args[0]))
+    ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    tracker = RouterTracker(model)
+    tracker.observe(mask, ["a", "b", "a"])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    per_layer = tracker.layer_means()
+    for task, rows in (("a", [0, 2]), ("b", [1])):
+        expected = []
+        for layer in layers:
+            with torch.no_grad():
+                gates = torch.softmax(inputs[layer] @ layer.router.T, -1)  # (B, T, N): the router, written out
+            picked = torch.cat([gates[r][mask[r].bool()] for r in rows])  # the task's real tokens
+            expected.append(picked.mean(0))
+        torch.testing.assert_close(torch.tensor(per_layer[task]), torch.stack(expected), atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.tensor(tracker.means()[task]), torch.stack(expected).mean(0), atol=1e-6, rtol=0)

@@ -182,36 +182,52 @@ def _resume(model, optimiser, schedule, directory: Path) -> tuple[int, list[floa
 
 
 class RouterTracker:
-    """Mean gate per expert for each task, over layers and the tokens of the examples (padding excluded)."""
+    """Mean gate per expert for each task and layer, over the tokens of the examples (padding excluded).
+
+    Each layer has its own router, so expert i of one layer has nothing to do with expert i of another:
+    ``layer_means`` keeps them apart; ``means`` averages over layers (a summary, and ``merge --gates TASK``).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [m for m in model.modules() if isinstance(m, MixtureLayer)]
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # task -> (layers, N)
+        self.counts: dict[str, float] = {}  # task -> tokens seen by each layer
         self.current: tuple[torch.Tensor, list[str]] | None = None
+        self.index = {id(layer): i for i, layer in enumerate(self.layers)}
         self.handles = [layer.register_forward_pre_hook(self._record) for layer in self.layers]
 
     def observe(self, attention_mask: torch.Tensor, tasks: list[str]) -> None:
         self.current = (attention_mask.float(), tasks)
+
+    def reset(self) -> None:
+        self.sums, self.counts = {}, {}
 
     def _record(self, layer, args) -> None:
         if self.current is None:
             return
         mask, tasks = self.current
         gates = layer.router_probs(args[0]).detach()  # (B, T, N)
-        weighted = (gates * mask.unsqueeze(-1)).sum(1)  # (B, N)
+        weighted = (gates * mask.unsqueeze(-1)).sum(1).cpu()  # (B, N)
+        i = self.index[id(layer)]
         for row, task in enumerate(tasks):
-            self.sums[task] = self.sums.get(task, 0) + weighted[row].cpu()
-            self.counts[task] = self.counts.get(task, 0) + mask[row].sum().item()
+            if task not in self.sums:
+                self.sums[task] = torch.zeros(len(self.layers), weighted.shape[-1])
+                self.counts[task] = 0.0
+            self.sums[task][i] += weighted[row]
+            if i == 0:  # every layer sees the same tokens
+                self.counts[task] += mask[row].sum().item()
 
-    def means(self) -> dict[str, list[float]]:
-        """Pooled over all processes when launched in parallel."""
+    def layer_means(self) -> dict[str, list[list[float]]]:
+        """Per task, each layer's mean gate per expert; pooled over all processes when launched in parallel."""
         sums, counts = {}, {}
         for process_sums, process_counts in distributed.gather((self.sums, self.counts)):
             for task in process_sums:
                 sums[task] = sums.get(task, 0) + process_sums[task]
                 counts[task] = counts.get(task, 0) + process_counts[task]
         return {task: (sums[task] / counts[task]).tolist() for task in sorted(sums)}
+
+    def means(self) -> dict[str, list[float]]:
+        return {task: torch.tensor(layers).mean(0).tolist() for task, layers in self.layer_means().items()}
 
     def close(self) -> None:
         for handle in self.handles:
@@ -220,12 +236,15 @@ class RouterTracker:
 
 def evaluate(model, objective: Objective, splits: DataSplits, batch_size: int, device, quiet: bool,
              names: tuple[str, ...] = ("validation", "test")) -> dict:
+    """Scores on each split in ``names``; for mixtures also the routing on the last of them (mean gates,
+    averaged over layers in "router" and per layer in "router_layers")."""
     model.eval()
     tracker = RouterTracker(model)
     results = {}
     objective.observer = tracker.observe
     try:
         for split in names:
+            tracker.reset()  # the routing recorded is the last split's alone
             examples = distributed.shard(getattr(splits, split))
             with tqdm(total=len(examples), desc=f"eval {split}", disable=quiet or not distributed.is_main(), unit="ex",
                       dynamic_ncols=True) as bar:
@@ -234,8 +253,9 @@ def evaluate(model, objective: Objective, splits: DataSplits, batch_size: int, d
     finally:
         objective.observer = None
         tracker.close()
-    router = tracker.means() if tracker.layers else None
-    return {"metrics": results, "router": router}
+    if not tracker.layers:
+        return {"metrics": results, "router": None}
+    return {"metrics": results, "router": tracker.means(), "router_layers": tracker.layer_means()}
 
 
 def peak_memory_mb(device) -> float:

@@ -1,9 +1,10 @@
 """The study's tables and plots, drawn from the run records alone (no model is loaded, nothing trains).
 
 Each point is the mean ± sample standard deviation over seeds of the test split's accuracy, for the runs at
-the learning rate chosen on validation. Router specialisation is the total-variation distance between two
-tasks' mean gate vectors, ½ Σ_i |g_a,i − g_b,i|: 0 when both tasks are routed alike, 1 when they use
-disjoint experts.
+the learning rate chosen on validation. Router specialisation is, in each adapted layer, the total-variation
+distance between two tasks' mean gate vectors, ½ Σ_i |g_a,i − g_b,i| (0 when both tasks are routed alike,
+1 when they use disjoint experts), averaged over layers — per layer, since each layer has its own router
+and experts with the same index in two layers have nothing in common.
 """
 
 from __future__ import annotations
@@ -53,11 +54,18 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def specialisation(router: dict[str, list[float]]) -> float | None:
-    tasks = sorted(router)
+def layer_distances(router_layers: dict[str, list[list[float]]]) -> list[float] | None:
+    """Per layer, the total-variation distance between the two tasks' mean gates (None unless two tasks)."""
+    tasks = sorted(router_layers)
     if len(tasks) != 2:
         return None
-    return 0.5 * sum(abs(a - b) for a, b in zip(router[tasks[0]], router[tasks[1]]))
+    return [0.5 * sum(abs(a - b) for a, b in zip(first, second))
+            for first, second in zip(router_layers[tasks[0]], router_layers[tasks[1]])]
+
+
+def specialisation(router_layers: dict[str, list[list[float]]]) -> float | None:
+    distances = layer_distances(router_layers)
+    return statistics.fmean(distances) if distances else None
 
 
 def points(runs: list[dict], task: str = "average") -> list[dict]:
@@ -133,13 +141,14 @@ def mor_section(part: Part, runs: dict[str, list[dict]]) -> tuple[str, object, o
         cells = [variant.label, str(group[0]["rank"]), f"{group[0]['trainable_parameters']['adapter']:,}"]
         cells += [_pm(mean_std([r["metrics"]["test"][t]["accuracy"] for r in group])) for t in tasks + ["average"]]
         cells.append(_pm(mean_std([r["metrics"]["test"]["average"]["macro_f1"] for r in group])))
-        spread = [specialisation(r["router"]) for r in group if r.get("router")]
-        cells.append(f"{mean_std(spread)[0]:.3f} ± {mean_std(spread)[1]:.3f}" if spread else "—")
+        for key in ("router_layers", "router_layers_at_init"):
+            spread = [s for r in group if r.get(key) for s in [specialisation(r[key])] if s is not None]
+            cells.append(f"{mean_std(spread)[0]:.3f} ± {mean_std(spread)[1]:.3f}" if spread else "—")
         cells.append(str(len(group)))
         rows.append(cells)
     header = ["variant", "rank", "adapter params"] + [f"{t} accuracy %" for t in tasks]
-    header += ["average accuracy %", "average macro-F1 %", "router specialisation", "seeds"]
-    return _table(header, rows), mor_figure(part, runs), mor_router_figure(part, runs)
+    header += ["average accuracy %", "average macro-F1 %", "router specialisation", "at initialisation", "seeds"]
+    return _table(header, rows), mor_figure(part, runs), mor_router_figure(part, runs), routing_figure(part, runs)
 
 
 def mor_figure(part: Part, runs: dict[str, list[dict]]):
@@ -183,7 +192,33 @@ def mor_router_figure(part: Part, runs: dict[str, list[dict]]):
     if not chosen:
         return None
     figure = router_figure(chosen)
-    figure.suptitle(f"Mean router gate per expert and task, N={largest}, seed {min(part.seeds)} (test split)")
+    figure.suptitle(f"Mean gate per expert and task, averaged over layers, N={largest}, seed {min(part.seeds)}, test split")
+    return figure
+
+
+def routing_figure(part: Part, runs: dict[str, list[dict]]):
+    """Per adapted layer, how differently the two tasks are routed after training and at initialisation
+    (mean ± std over seeds), for each mixture at the largest N."""
+    largest = max((v.options.get("num_experts", 0) for v in part.variants if v.method != "lora"), default=0)
+    figure = new_figure(7, 4.5)
+    axes = figure.add_subplot()
+    drawn = False
+    for colour, variant in enumerate(v for v in part.variants if v.options.get("num_experts") == largest):
+        for key, style, when in (("router_layers", "-", "trained"), ("router_layers_at_init", ":", "at initialisation")):
+            curves = [d for r in runs[variant.name] if r.get(key) for d in [layer_distances(r[key])] if d]
+            if not curves:
+                continue
+            stats = [mean_std(list(values)) for values in zip(*curves)]
+            axes.errorbar(range(len(stats)), [m for m, _ in stats], yerr=[s for _, s in stats], linestyle=style,
+                          marker="o", capsize=3, color=f"C{colour}", label=f"{variant.label}, {when}")
+            drawn = True
+    if not drawn:
+        return None
+    axes.set_xlabel("adapted layer, input to output")
+    axes.set_ylabel("task routing distance (0 alike, 1 disjoint)")
+    axes.set_title(f"How differently the router treats the tasks, N={largest}, mean ± std over seeds")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
     return figure
 
 
@@ -205,7 +240,10 @@ def search_rows(part: Part, search: dict) -> list[list[str]]:
     rows = []
     for name, result in search.get("learning_rates", {}).items():
         scores = ", ".join(f"{lr}: {100 * a:.1f}" for lr, a in result["validation_accuracy"].items())
-        rows.append([part.name, name, str(result["rank"]), scores, f"{result['chosen']:g}"])
+        chosen, grid = result["chosen"], part.learning_rates
+        edge = len(grid) > 1 and chosen in (min(grid), max(grid))  # the best rate may lie outside the grid
+        rows.append([part.name, name, str(result["rank"]), scores,
+                     f"{chosen:g}" + (f" ({'top' if chosen == max(grid) else 'bottom'} of the grid)" if edge else "")])
     return rows
 
 
@@ -221,9 +259,11 @@ def write_summary(out: Path) -> Path:
         if part.claim == "lotr":
             table, images[f"{part.name}.png"] = lotr_section(part, runs)
         else:
-            table, images[f"{part.name}.png"], router = mor_section(part, runs)
+            table, images[f"{part.name}.png"], router, routing = mor_section(part, runs)
             if router is not None:
                 images[f"{part.name}-router.png"] = router
+            if routing is not None:
+                images[f"{part.name}-routing-by-layer.png"] = routing
         for name, figure in images.items():
             png = io.BytesIO()
             figure.savefig(png, format="png", dpi=110)

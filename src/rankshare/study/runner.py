@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import RankshareError
 from ..finetune.budget import plan_rank
 from ..finetune.runs import Job, Workspace, fit, write_json
-from ..finetune.train import Settings, evaluate, versions
+from ..finetune.train import Settings, attach_adapter, evaluate, versions
 from .plan import Part, Variant, search_rank
 
 PLAN_FILE = "plan.json"
@@ -129,6 +129,8 @@ def run_once(space: Workspace, part: Part, variant: Variant, rank: int, lr: floa
     checkpoints = out / CHECKPOINTS / part.name / name
     model, record = fit(space, settings, checkpoints, splits=splits)
     record.update(part=part.name, variant=variant.name, label=variant.label)
+    if "router_layers" in record:
+        record["router_layers_at_init"] = initial_routing(space, settings)
     if variant.method == "lotr" and seed in part.merge_seeds:
         record["merged"] = merged_evaluation(model, space, part.batch_size)
     record["wall_seconds"] = time.perf_counter() - started
@@ -153,6 +155,13 @@ def _initialise_head(space: Workspace, seed: int) -> None:
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+
+
+def initial_routing(space: Workspace, settings: Settings) -> dict:
+    """Per-layer routing on the test split of the same adapter before its first step: how differently an
+    untrained router already treats the tasks, the baseline for what training adds."""
+    model = attach_adapter(space.fresh_base(), settings, []).to(space.device)
+    return evaluate(model, space.objective, space.splits, settings.batch_size, space.device, True, ("test",))["router_layers"]
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification
 
 import rankshare as rs
 from rankshare.cli import main
@@ -21,18 +21,6 @@ WORDS = {
     "finance": "market stock bank profit share price trade fund rate",
     "weather": "rain storm wind cloud sun snow cold heat forecast",
 }
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer BERT with MiniLM's tokenizer, saved as a local model folder."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=128)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model("minilm").path).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

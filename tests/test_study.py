@@ -9,16 +9,14 @@ import statistics
 
 import pytest
 import torch
+from transformers import BertConfig, BertForSequenceClassification
 
 import rankshare as rs
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
 from rankshare.cli import main
 from rankshare.finetune.budget import adapter_parameters, plan_rank
-from rankshare.finetune.models import resolve_model
+from rankshare.finetune.train import RouterTracker
 from rankshare.study import runner
 from rankshare.study.plan import MIXTURE_BUDGET, Part, Variant, full_plan, quick_plan
-from rankshare.finetune.train import RouterTracker
 from rankshare.study.report import mean_std, points, specialisation, write_summary
 
 MINILM_SHAPES = {f"layer.{i}.{name}": (384, 384) for i in range(6) for name in ("query", "value")}
@@ -89,13 +87,7 @@ def test_summary_statistics():
 
 
 @pytest.fixture(scope="module")
-def tiny_part(tmp_path_factory) -> Part:
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=64)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model("minilm").path).save_pretrained(folder)
+def tiny_part(tiny_bert, tmp_path_factory) -> Part:
     data = tmp_path_factory.mktemp("data") / "colours.csv"
     generator = torch.Generator().manual_seed(0)
     words = {"red": "apple cherry blood rose fire", "blue": "sea sky ice whale jeans"}
@@ -110,7 +102,7 @@ def tiny_part(tmp_path_factory) -> Part:
                 Variant("lotr", "LoTR", "lotr", (2, 4), search_rank=4),
                 Variant("lotr-frozen", "LoTR frozen", "lotr", (4,), lr_from="lotr",
                         options={"init": "tucker", "freeze_factors": True})]
-    return Part("tiny", "lotr", str(folder), str(data), max_train=32, max_eval=12, max_length=16, batch_size=8,
+    return Part("tiny", "lotr", str(tiny_bert), str(data), max_train=32, max_eval=12, max_length=16, batch_size=8,
                 learning_rates=(1e-3, 3e-2), seeds=(0, 1), variants=variants, merge_seeds=(1,))
 
 

@@ -181,6 +181,11 @@ def _resume(model, optimiser, schedule, directory: Path) -> tuple[int, list[floa
     return state["step"], state["step_seconds"].tolist()
 
 
+def layer_average(layer_means: dict[str, list[list[float]]]) -> dict[str, list[float]]:
+    """Per task, the mean gate per expert averaged over layers."""
+    return {task: torch.tensor(layers).mean(0).tolist() for task, layers in layer_means.items()}
+
+
 class RouterTracker:
     """Mean gate per expert for each task and layer, over the tokens of the examples (padding excluded).
 
@@ -227,7 +232,7 @@ class RouterTracker:
         return {task: (sums[task] / counts[task]).tolist() for task in sorted(sums)}
 
     def means(self) -> dict[str, list[float]]:
-        return {task: torch.tensor(layers).mean(0).tolist() for task, layers in self.layer_means().items()}
+        return layer_average(self.layer_means())
 
     def close(self) -> None:
         for handle in self.handles:
@@ -255,7 +260,8 @@ def evaluate(model, objective: Objective, splits: DataSplits, batch_size: int, d
         tracker.close()
     if not tracker.layers:
         return {"metrics": results, "router": None}
-    return {"metrics": results, "router": tracker.means(), "router_layers": tracker.layer_means()}
+    layer_means = tracker.layer_means()  # gathered from every process once
+    return {"metrics": results, "router": layer_average(layer_means), "router_layers": layer_means}
 
 
 def peak_memory_mb(device) -> float:

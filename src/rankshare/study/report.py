@@ -34,20 +34,20 @@ def load_parts(out: Path) -> list[Part]:
     return parts
 
 
-def final_runs(out: Path, part: Part) -> tuple[dict, dict[str, list[dict]]]:
-    """The part's learning-rate search and, per variant, its runs at the chosen rate."""
-    search_path = out / part.name / SEARCH_FILE
-    if not search_path.is_file():
-        return {}, {}
-    search = json.loads(search_path.read_text())
-    records = [json.loads(p.read_text()) for p in sorted((out / part.name).glob("*.json")) if p.name != SEARCH_FILE]
+def part_records(out: Path, part: Part) -> list[dict]:
+    """Every run record of the part, rate-search runs included."""
+    return [json.loads(p.read_text()) for p in sorted((out / part.name).glob("*.json")) if p.name != SEARCH_FILE]
+
+
+def final_runs(part: Part, search: dict, records: list[dict]) -> dict[str, list[dict]]:
+    """Per variant, its runs at the rate chosen in the part's learning-rate search."""
     chosen = search["learning_rates"]
     runs = {}
     for variant in part.variants:
         lr = chosen[variant.lr_from or variant.name]["chosen"]
         runs[variant.name] = [r for r in records if r["variant"] == variant.name and r["config"]["lr"] == lr
                               and r["seed"] in part.seeds]
-    return search, runs
+    return runs
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -184,9 +184,14 @@ def mor_figure(part: Part, runs: dict[str, list[dict]]):
     return figure
 
 
+def largest_mixture(part: Part) -> int:
+    """The largest number of experts among the part's mixtures (0 if it has none)."""
+    return max((v.options.get("num_experts", 0) for v in part.variants if v.method != "lora"), default=0)
+
+
 def mor_router_figure(part: Part, runs: dict[str, list[dict]]):
     """Seed 0's routing for each mixture at the largest N (experts are not matched across seeds)."""
-    largest = max((v.options.get("num_experts", 0) for v in part.variants if v.method != "lora"), default=0)
+    largest = largest_mixture(part)
     chosen = [r for v in part.variants if v.method != "lora" and v.options.get("num_experts") == largest
               for r in runs[v.name] if r["seed"] == min(part.seeds) and r.get("router")]
     if not chosen:
@@ -199,7 +204,7 @@ def mor_router_figure(part: Part, runs: dict[str, list[dict]]):
 def routing_figure(part: Part, runs: dict[str, list[dict]]):
     """Per adapted layer, how differently the two tasks are routed after training and at initialisation
     (mean ± std over seeds), for each mixture at the largest N."""
-    largest = max((v.options.get("num_experts", 0) for v in part.variants if v.method != "lora"), default=0)
+    largest = largest_mixture(part)
     figure = new_figure(7, 4.5)
     axes = figure.add_subplot()
     drawn = False
@@ -251,10 +256,12 @@ def write_summary(out: Path) -> Path:
     """summary.md and one plot per part in ``out``, from the records there."""
     sections, searches, merges, times = [], [], [], []
     for part in load_parts(out):
-        search, runs = final_runs(out, part)
-        if not search:
+        search_path = out / part.name / SEARCH_FILE
+        if not search_path.is_file():
             sections.append(f"## {part.name}\n\nNot run yet.\n")
             continue
+        search, records = json.loads(search_path.read_text()), part_records(out, part)
+        runs = final_runs(part, search, records)
         images = {}
         if part.claim == "lotr":
             table, images[f"{part.name}.png"] = lotr_section(part, runs)
@@ -276,8 +283,6 @@ def write_summary(out: Path) -> Path:
                         + "".join(f"![{name}]({name})\n" for name in images))
         searches += search_rows(part, search)
         merges.append(merge_rows(part, runs))
-        records = [r for p in (out / part.name).glob("*.json") if p.name != SEARCH_FILE
-                   for r in [json.loads(p.read_text())]]
         times.append([part.name, str(len(records)), f"{(sum(r['wall_seconds'] for r in records) + search['load_seconds']) / 60:.1f}"])
     text = "# Study results\n\nTest accuracy, mean ± std over seeds, at each variant's chosen learning rate.\n\n"
     text += "\n".join(sections)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import RankshareError
 from ..finetune.budget import plan_rank
+from ..finetune.models import head_modules
 from ..finetune.runs import Job, Workspace, fit, write_json
 from ..finetune.train import Settings, attach_adapter, evaluate, versions
 from .plan import Part, Variant, search_rank
@@ -149,8 +150,8 @@ def _initialise_head(space: Workspace, seed: int) -> None:
         return
     torch.manual_seed(seed)
     std = getattr(space.pristine.config, "initializer_range", 0.02)
-    for name in ("classifier", "score"):
-        for module in getattr(space.pristine, name).modules() if hasattr(space.pristine, name) else []:
+    for name in head_modules(space.pristine):
+        for module in getattr(space.pristine, name).modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:

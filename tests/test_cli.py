@@ -131,14 +131,14 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_bert, topics_csv, tmp_p
     """Stop after 5 of 12 steps (a checkpoint every 2), resume in a new workspace: same adapter as straight through."""
     from rankshare.finetune.runs import Job, Workspace, run_method
 
-    settings = {"epochs": 1, "max_steps": None, "lr": 1e-2, "batch_size": 8, "seed": 3, "checkpoint_every": 2,
-                "alpha": None, "num_experts": 2, "share": "by_name", "init": "random", "freeze_factors": False}
+    settings = {"epochs": 1, "max_steps": None, "lr": 1e-2, "batch_size": 8, "seed": 3, "checkpoint_every": 2}
     job = Job(methods=["mor"], model=str(tiny_bert), data=str(topics_csv), text_column="body", label_column="topic",
               max_train=96, max_eval=12, max_length=16, settings=settings)
-    straight = run_method(Workspace(job, quiet=True), "mor", 2, tmp_path / "straight")
-    assert run_method(Workspace(job, quiet=True), "mor", 2, tmp_path / "broken", stop_after=5) == {}
+    config = rs.MorConfig(rank=2, num_experts=2, target_modules=["query", "value"])
+    straight = run_method(Workspace(job, quiet=True), config, tmp_path / "straight")
+    assert run_method(Workspace(job, quiet=True), config, tmp_path / "broken", stop_after=5) == {}
     assert (tmp_path / "broken" / "checkpoint.pt").is_file()
-    resumed = run_method(Workspace(job, quiet=True), "mor", 2, tmp_path / "broken")
+    resumed = run_method(Workspace(job, quiet=True), config, tmp_path / "broken")
     assert resumed["metrics"] == straight["metrics"]
     from safetensors.torch import load_file  # the saved adapters are identical tensors
 
@@ -151,7 +151,7 @@ BAD_INPUTS = [
     (["train", "--data", "/no/such/file.csv"], "No such file"),
     (["train", "--method", "dora"], "invalid choice"),
     (["train", "--rank", "0"], "must be >= 1"),
-    (["compare", "--budget", "3"], "No method can come within"),
+    (["compare", "--budget", "3"], "No method fits a budget of 3"),
 ]
 
 

@@ -13,10 +13,11 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import rankshare as rs
 from rankshare.cli import main
-from rankshare.finetune.budget import adapter_parameters, plan_rank
+from rankshare.finetune.budget import closest_rank
 from rankshare.finetune.train import RouterTracker
 from rankshare.study import runner
 from rankshare.study.plan import MIXTURE_BUDGET, Part, Variant, full_plan, quick_plan
+from rankshare.study.runner import variant_config
 from rankshare.study.report import mean_std, points, specialisation, write_summary
 
 MINILM_SHAPES = {f"layer.{i}.{name}": (384, 384) for i in range(6) for name in ("query", "value")}
@@ -44,20 +45,19 @@ def test_full_plan_follows_the_rules():
 def test_sweeps_span_the_same_parameter_range():
     """LoTR's sweep must cover LoRA's range of counts, or the curves could not be compared at equal size."""
     for part, shapes in ((full_plan()[0], MINILM_SHAPES), (full_plan()[3], SMOLLM2_SHAPES)):
-        counts = {v.name: [adapter_parameters(v.method, shapes, r, share=v.options.get("share", "by_name"),
-                                              freeze_factors=v.options.get("freeze_factors", False)) for r in v.ranks]
+        counts = {v.name: [variant_config(v, r, ["q_proj"]).num_trainable_parameters(shapes) for r in v.ranks]
                   for v in part.variants}
         for name, sweep in counts.items():  # every LoTR curve starts near LoRA's smallest and reaches its largest
             assert sweep[0] < counts["lora"][0] * 1.5 and sweep[-1] >= counts["lora"][-1], (part.name, name, sweep)
     # the closed forms, by hand: LoRA 2 projections x 6 layers x r (384 + 384); LoTR per group r·768 + 6 r²
-    assert adapter_parameters("lora", MINILM_SHAPES, 16) == 16 * 768 * 12 == 147_456
-    assert adapter_parameters("lotr", MINILM_SHAPES, 64) == 2 * (64 * 768 + 6 * 64 * 64) == 147_456
+    assert rs.PeftLoraConfig(rank=16, target_modules=["query"]).num_trainable_parameters(MINILM_SHAPES) == 147_456
+    assert rs.LotrConfig(rank=64, target_modules=["query"]).num_trainable_parameters(MINILM_SHAPES) == 147_456
 
 
 def test_mixtures_are_compared_at_the_budget():
     for v in full_plan()[2].variants:
-        plan = plan_rank(v.method, MINILM_SHAPES, MIXTURE_BUDGET, num_experts=v.options.get("num_experts", 8))
-        assert abs(plan.parameters - MIXTURE_BUDGET) <= 0.2 * MIXTURE_BUDGET, (v.name, plan.note)
+        _, parameters = closest_rank(variant_config(v, 1, ["query"]), MINILM_SHAPES, MIXTURE_BUDGET)
+        assert abs(parameters - MIXTURE_BUDGET) <= 0.2 * MIXTURE_BUDGET, (v.name, parameters)
 
 
 def test_quick_plan_runs_the_same_parts_smaller():

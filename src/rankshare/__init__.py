@@ -1,19 +1,23 @@
 """rankshare: parameter-efficient fine-tuning with shared low-rank structure (LoTR, MoR, MoE-LoRA)."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
-from .config import AdapterConfig
+from .config import AdapterConfig, ExternalAdapterConfig, methods, register
 from .errors import RankshareError
 from .layer import AdapterLayer
-from .lotr import LotrConfig, LotrGroup, LotrLayer
 from .model import AdaptedModel, adapt
-from .moelora import MoeLoraConfig, MoeLoraLayer
+
+# The methods register themselves in this order, the order in which rankshare.methods() lists them.
+from .peft_lora import PeftLoraConfig
+from .lotr import LotrConfig, LotrGroup, LotrLayer
 from .mor import MorConfig, MorLayer
+from .moelora import MoeLoraConfig, MoeLoraLayer
 
 __all__ = [
     "AdaptedModel",
     "AdapterConfig",
     "AdapterLayer",
+    "ExternalAdapterConfig",
     "LotrConfig",
     "LotrGroup",
     "LotrLayer",
@@ -21,6 +25,10 @@ __all__ = [
     "MoeLoraLayer",
     "MorConfig",
     "MorLayer",
+    "PeftLoraConfig",
     "RankshareError",
+    "__version__",
     "adapt",
+    "methods",
+    "register",
 ]

@@ -13,10 +13,10 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
+from .config import methods
 from .errors import RankshareError
-from .finetune.budget import METHODS
 from .finetune.report import markdown_table
-from .finetune.train import LEARNING_RATES, Settings
+from .finetune.train import Settings
 
 DESCRIPTION = """Fine-tune pretrained models with LoTR, MoR, MoE-LoRA or PEFT's LoRA and compare them.
 Defaults: the packaged all-MiniLM-L6-v2 on BBC News topics + tweet sentiment, offline."""
@@ -52,11 +52,33 @@ def _positive_float(text: str) -> float:
 
 
 def _methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {','.join(METHODS)}")
-    return methods
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in methods()]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {','.join(methods())}")
+    return chosen
+
+
+def method_options() -> dict[str, tuple]:
+    """Every method's own options: name -> (its dataclass field, the methods that take it)."""
+    found: dict[str, tuple] = {}
+    for name, cls in methods().items():
+        for option, spec in cls.options().items():
+            found[option] = (found.get(option, (spec, ()))[0], found.get(option, (spec, ()))[1] + (name,))
+    return found
+
+
+def _add_method_options(group) -> None:
+    """``--option`` for each method option; left out, it is None and each method keeps its own default."""
+    for name, (spec, owners) in method_options().items():
+        flag = "--" + name.replace("_", "-")
+        about = spec.metadata.get("help", name.replace("_", " "))
+        if isinstance(spec.default, bool):
+            group.add_argument(flag, action="store_true", default=None, help=f"{about} ({', '.join(owners)})")
+            continue
+        kind = _positive_int if isinstance(spec.default, int) else str
+        group.add_argument(flag, type=kind, choices=spec.metadata.get("choices"), default=None,
+                           help=f"{about} ({', '.join(owners)}; default: {spec.default})")
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,18 +103,16 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--budget", type=_positive_int, help="trainable adapter parameters (head excluded): each "
                       "method's rank is chosen to come closest")
     size.add_argument("--alpha", type=_positive_float, help="scale s = alpha / r (default: alpha = r)")
-    size.add_argument("--num-experts", type=_positive_int, default=8, help="experts N of mor and moelora (default: %(default)s)")
     size.add_argument("--target-modules", help="comma-separated module-name suffixes, or a regex (default: the "
                       "attention query and value projections of the architecture)")
-    size.add_argument("--share", choices=["by_name", "by_shape"], default="by_name", help="LoTR: one U, V per "
-                      "projection type (by_name) or per shape (by_shape) (default: %(default)s)")
-    size.add_argument("--init", choices=["random", "tucker"], default="random", help="LoTR factor init (default: %(default)s)")
-    size.add_argument("--freeze-factors", action="store_true", help="LoTR: train the cores only")
+    size.add_argument("--dry-run", action="store_true", help="print each method's rank for --budget and stop, "
+                      "without loading data or training")
+    _add_method_options(parser.add_argument_group("method options"))
 
     schedule = parser.add_argument_group("training")
     schedule.add_argument("--epochs", type=_positive_int, default=1, help="(default: %(default)s)")
     schedule.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
-    rates = ", ".join(f"{m} {lr:g}" for m, lr in LEARNING_RATES.items())
+    rates = ", ".join(f"{m} {cls.learning_rate:g}" for m, cls in methods().items())
     schedule.add_argument("--lr", type=_positive_float, help=f"peak learning rate, AdamW, linear warm-up and decay "
                           f"(default per method: {rates})")
     schedule.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
@@ -115,13 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="fine-tune one adapter and evaluate it",
                                 description="Fine-tune one adapter, evaluate it on validation and test, save it.")
-    train.add_argument("--method", choices=METHODS, default="lotr", help=f"one of {', '.join(METHODS)} (lora is PEFT's) (default: %(default)s)")
+    names = list(methods())
+    train.add_argument("--method", choices=names, default="lotr", help=f"one of {', '.join(names)} (lora is PEFT's) "
+                       "(default: %(default)s)")
     _add_job_arguments(train)
 
     compare = commands.add_parser("compare", help="train several methods on the same data, seed and schedule",
                                   description="Train several methods at matched budgets on the same split, seed and "
                                   "schedule; write metrics.json, report.md and plots.")
-    compare.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated (default: all)")
+    compare.add_argument("--methods", type=_methods, default=names, help="comma-separated (default: all)")
     _add_job_arguments(compare)
     compare.set_defaults(budget=150_000)
     compare.description += " Default budget: 150,000 adapter parameters."
@@ -190,18 +212,24 @@ def _run_study(args) -> None:
 def _job_from_args(args):
     from .finetune.runs import Job
 
-    names = {f.name for f in fields(Settings)} - {"method", "rank", "target_modules"}
-    settings = {name: getattr(args, name) for name in names}
-    if args.target_modules:
-        targets = args.target_modules
-        settings["target_modules"] = targets if any(c in targets for c in "\\^$*+?[(|") else targets.split(",")
-    methods = [args.method] if args.command == "train" else args.methods
+    settings = {f.name: getattr(args, f.name) for f in fields(Settings) if f.name != "adapter"}
+    targets = args.target_modules
+    if targets:
+        targets = targets if any(c in targets for c in "\\^$*+?[(|") else targets.split(",")
+    chosen = [args.method] if args.command == "train" else args.methods
     if args.rank is not None and args.budget is not None and args.command == "train":
         raise RankshareError("Give --rank or --budget, not both.")
-    return Job(methods=methods, model=args.model, data=args.data, objective=args.objective, text_column=args.text_column,
+    options = {name: getattr(args, name) for name in method_options() if getattr(args, name) is not None}
+    for name in options:
+        if not any(name in methods()[method].options() for method in chosen):
+            owners = ", ".join(method_options()[name][1])
+            raise RankshareError(f"--{name.replace('_', '-')} is an option of {owners}, not of {', '.join(chosen)}; "
+                                 "leave it out or choose a method that takes it.")
+    return Job(methods=chosen, model=args.model, data=args.data, objective=args.objective, text_column=args.text_column,
                label_column=args.label_column, max_train=args.max_train, max_eval=args.max_eval,
                max_length=args.max_length, rank=args.rank, budget=None if args.rank is not None else args.budget,
-               device=args.device, settings=settings)
+               device=args.device, alpha=args.alpha, target_modules=targets or None, options=options,
+               settings=settings)
 
 
 def _run_training(args) -> None:
@@ -217,6 +245,12 @@ def _run_training(args) -> None:
             raise RankshareError(f"--resume {args.resume}: its command.json is not one this version wrote ({error}).") from None
     else:
         job = _job_from_args(args)
+        if args.dry_run:
+            from .finetune.runs import dry_run
+
+            for method, (_, note) in dry_run(job).items():
+                print(f"{method}: {note}")
+            return
         name = job.methods[0] if args.command == "train" else "compare"
         out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
     def say(text: str) -> None:  # the budget plan is a result, shown even with --quiet

@@ -1,30 +1,53 @@
-"""Adapter configs: what every method shares (rank, alpha, targets) and how configs travel as JSON."""
+"""The method interface: what every adapter method declares, the registry of methods, and configs as JSON.
+
+A method is one config class, defined in the method's own file and registered there with ``@register``
+(or declared by another installed package under the entry-point group ``rankshare.methods``). Everything
+else in rankshare — surgery, files, the budget planner, training, the CLI, the study — asks the config,
+never the method's name.
+"""
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import inspect
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any, ClassVar
+
+from torch import nn
 
 from .errors import RankshareError
 
 # Far beyond any layer width; a larger rank would overflow float(rank) and alpha / rank.
 LARGEST_SIZE = 2**31 - 1
+ENTRY_POINT_GROUP = "rankshare.methods"
+COMMON_FIELDS = ("rank", "target_modules", "alpha")
 
 
 @dataclass
-class AdapterConfig:
-    """Fields every method has.
+class AdapterConfig(abc.ABC):
+    """What every method has and declares.
 
     rank: the low rank r of the update.
     alpha: the update is scaled by s = alpha / r; ``None`` means alpha = r (s = 1).
     target_modules: a list of module-name suffixes (``"query"`` matches ``"encoder.layer.0.attention.self.query"``)
         or one regular expression matched against the whole module name.
+
+    A method's own options are its further dataclass fields; ``field(metadata={"help": ...})`` describes
+    one for the command line, and ``"choices"`` lists a string option's values.
     """
 
-    method: ClassVar[str] = ""
+    method: ClassVar[str] = ""  # the registry's key, in files and on the command line
+    title: ClassVar[str] = ""  # the name reports print
+    merge_needs_gates: ClassVar[bool] = False  # True when the update depends on per-token gates
+    # The fine-tuning command's default peak learning rate for this method.
+    learning_rate: ClassVar[float] = 3e-3
+    # Options the budget planner may change when no rank comes close enough to a budget, with the values to try.
+    budget_alternatives: ClassVar[dict[str, tuple]] = {}
 
     rank: int = 8
     target_modules: list[str] | str = field(default_factory=list)
@@ -36,6 +59,22 @@ class AdapterConfig:
         if self.alpha is None and _is_int(self.rank) and 1 <= self.rank <= LARGEST_SIZE:
             self.alpha = float(self.rank)
         self.validate()
+
+    @abc.abstractmethod
+    def create_adapters(self, targets: dict[str, nn.Module]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+        """Adapter layers for the target modules (name -> base layer), and the modules several layers share."""
+
+    @abc.abstractmethod
+    def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """The exact trainable adapter parameters for targets name -> ``(d_out, d_in)``, from the closed form."""
+
+    @classmethod
+    def options(cls) -> dict[str, dataclasses.Field]:
+        """The method's own options: its fields beyond rank, alpha and target_modules."""
+        return {f.name: f for f in dataclasses.fields(cls) if f.name not in COMMON_FIELDS}
+
+    def option_values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.options()}
 
     @property
     def scale(self) -> float:
@@ -61,6 +100,13 @@ class AdapterConfig:
                 f"{type(self).__name__}: target_modules must be a non-empty list of module names "
                 f"(e.g. ['query', 'value']) or a regex string, got {targets!r}."
             )
+        for name, option in self.options().items():
+            if "choices" in option.metadata:
+                check_choice(self, name, tuple(option.metadata["choices"]))
+            elif isinstance(option.default, bool):
+                check_bool(self, name)
+            elif _is_int(option.default):
+                check_positive_int(self, name)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -71,7 +117,7 @@ class AdapterConfig:
         if not isinstance(data, dict):
             raise RankshareError(f"An adapter config must be a JSON object, got {type(data).__name__}.")
         fields = dict(data)
-        known = {cls.method: cls for cls in _all_config_classes() if cls.method}
+        known = methods()
         if "method" not in fields:
             raise RankshareError(f"The adapter config has no 'method'; give one of {sorted(known)}.")
         method = fields.pop("method")
@@ -85,13 +131,69 @@ class AdapterConfig:
         return cls(**fields)
 
 
-def _all_config_classes() -> list[type[AdapterConfig]]:
-    found, todo = [], [AdapterConfig]
-    while todo:
-        cls = todo.pop()
-        found.append(cls)
-        todo.extend(cls.__subclasses__())
-    return found
+class ExternalAdapterConfig(AdapterConfig):
+    """A method another library implements and attaches (PEFT's LoRA): it builds, loads and saves its own model.
+
+    ``rankshare.adapt`` hands such a config to ``attach``; what comes back has that library's
+    ``save_pretrained`` and ``merge_and_unload``, and ``load`` reads what its ``save_pretrained`` wrote.
+    """
+
+    @abc.abstractmethod
+    def attach(self, model: nn.Module, modules_to_save: list[str]) -> nn.Module:
+        """Freeze ``model`` and add this adapter, as the other library does."""
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, base_model: nn.Module, directory: str, is_trainable: bool = False) -> nn.Module:
+        """The adapted model saved in ``directory``, on ``base_model``."""
+
+    def create_adapters(self, targets):
+        raise RankshareError(f"{self.title} is built by another library; attach it with rankshare.adapt(model, config).")
+
+
+_REGISTERED: dict[str, type[AdapterConfig]] = {}
+
+
+def register(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Class decorator: make a method known by its ``method`` name (to files, the planner and the CLI)."""
+    if not (isinstance(cls, type) and issubclass(cls, AdapterConfig)) or not cls.method:
+        raise RankshareError(f"register() takes an AdapterConfig subclass with a 'method' name, got {cls!r}.")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise RankshareError(f"{cls.__name__} does not implement {missing}; every method must.")
+    known = _REGISTERED.get(cls.method)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise RankshareError(f"Method {cls.method!r} is already registered by {known.__module__}.{known.__qualname__}.")
+    _REGISTERED[cls.method] = cls
+    return cls
+
+
+def unregister(method: str) -> None:
+    _REGISTERED.pop(method, None)
+
+
+def methods() -> dict[str, type[AdapterConfig]]:
+    """Every known method, ``{name: config class}``: rankshare's own and those other packages declare."""
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in _REGISTERED:
+            continue
+        try:
+            cls = entry.load()
+            if getattr(cls, "method", None) != entry.name:
+                raise RankshareError(f"the entry point is named {entry.name!r} but its class's method is "
+                                     f"{getattr(cls, 'method', None)!r}")
+            register(cls)
+        except Exception as error:  # another package's fault: say whose, and go on without it
+            warnings.warn(f"rankshare: the method {entry.name!r} that {entry.value} declares could not be loaded "
+                          f"({error}); it is left out.", stacklevel=2)
+    return dict(_REGISTERED)
+
+
+def method_class(name: str) -> type[AdapterConfig]:
+    known = methods()
+    if name not in known:
+        raise RankshareError(f"Unknown method {name!r}; choose one of {', '.join(known)}.")
+    return known[name]
 
 
 def _is_int(value: Any) -> bool:

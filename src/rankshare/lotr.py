@@ -16,17 +16,18 @@ or the leading singular vectors of the mode-1 and mode-3 unfoldings of the stack
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .config import AdapterConfig, check_bool, check_choice
+from .config import AdapterConfig, register
 from .errors import RankshareError
 from .layer import AdapterLayer, dense_weight, linear_shape
 from .targets import group_targets
 
 
+@register
 @dataclass
 class LotrConfig(AdapterConfig):
     """LoTR's options beside rank, alpha and target_modules.
@@ -39,16 +40,20 @@ class LotrConfig(AdapterConfig):
     """
 
     method = "lotr"
+    title = "LoTR"
 
-    share: str = "by_name"
-    init: str = "random"
-    freeze_factors: bool = False
+    share: str = field(default="by_name", metadata={
+        "choices": ("by_name", "by_shape"), "help": "LoTR: one U, V per projection type (by_name) or per shape (by_shape)"})
+    init: str = field(default="random", metadata={"choices": ("random", "tucker"), "help": "LoTR factor init"})
+    freeze_factors: bool = field(default=False, metadata={"help": "LoTR: train the cores only"})
 
-    def validate(self) -> None:
-        super().validate()
-        check_choice(self, "share", ("by_name", "by_shape"))
-        check_choice(self, "init", ("random", "tucker"))
-        check_bool(self, "freeze_factors")
+    def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """Per group of L layers: ``r (d_in + d_out) + L r²``, or ``L r²`` with frozen factors."""
+        total = 0
+        for names in group_targets(shapes, self.share).values():
+            d_out, d_in = shapes[names[0]]
+            total += len(names) * self.rank**2 + (0 if self.freeze_factors else self.rank * (d_in + d_out))
+        return total
 
     def create_adapters(self, targets: dict[str, nn.Module]) -> tuple[dict[str, AdapterLayer], dict[str, nn.Module]]:
         layers, groups = {}, {}

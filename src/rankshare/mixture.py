@@ -7,12 +7,13 @@ merges into W only for a fixed gate vector (e.g. one task's mean routing).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .config import AdapterConfig, check_positive_int
+from .config import AdapterConfig
 from .errors import RankshareError
 from .layer import AdapterLayer
 
@@ -21,11 +22,12 @@ from .layer import AdapterLayer
 class MixtureConfig(AdapterConfig):
     """num_experts: the number N of experts the router mixes."""
 
-    num_experts: int = 8
+    merge_needs_gates = True
+    # One more expert changes a mixture's count by a step that one rank may not match: the planner may try these.
+    budget_alternatives = {"num_experts": tuple(range(2, 9))}
+    layer_class: ClassVar[type[MixtureLayer]]
 
-    def validate(self) -> None:
-        super().validate()
-        check_positive_int(self, "num_experts")
+    num_experts: int = field(default=8, metadata={"help": "experts N of the routed mixtures"})
 
     def create_adapters(self, targets: dict[str, nn.Module]) -> tuple[dict[str, AdapterLayer], dict[str, nn.Module]]:
         return {name: self.layer_class(base, self.rank, self.num_experts, self.scale) for name, base in targets.items()}, {}

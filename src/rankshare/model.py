@@ -1,7 +1,8 @@
 """Model surgery: put adapter layers into a model in place, count and merge them, take them out again.
 
 Nothing here knows a method's math: a config's ``create_adapters`` builds the layers (and any factors
-they share), and every layer answers the ``AdapterLayer`` interface.
+they share), and every layer answers the ``AdapterLayer`` interface. The adapter files are read and
+written by ``persistence``, which knows no model.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import AdapterConfig
+from . import persistence
+from .config import AdapterConfig, ExternalAdapterConfig
 from .errors import RankshareError
-from .layer import AdapterLayer
+from .layer import AdapterLayer, linear_shape
 from .targets import find_targets, matches
 
 
@@ -21,10 +23,14 @@ def adapt(model: nn.Module, config: AdapterConfig, modules_to_save: list[str] | 
     """Freeze ``model``, replace each target module in place by an adapter layer, and wrap the result.
 
     ``modules_to_save`` names modules (suffixes, as target_modules) that train fully and are saved with the
-    adapter, e.g. a classification head.
+    adapter, e.g. a classification head. A method another library implements (``ExternalAdapterConfig``,
+    e.g. PEFT's LoRA) is attached by that library, and its model comes back.
     """
     if not isinstance(config, AdapterConfig) or not config.method:
-        raise RankshareError(f"adapt() needs a LotrConfig, MorConfig or MoeLoraConfig, got {type(config).__name__}.")
+        raise RankshareError(f"adapt() needs the config of a registered method (rankshare.methods()), got "
+                             f"{type(config).__name__}.")
+    if isinstance(config, ExternalAdapterConfig):
+        return config.attach(model, list(modules_to_save or []))
     targets = find_targets(model, config.target_modules)
     trained_whole = _find_modules_to_save(model, modules_to_save or [], targets)
     model.requires_grad_(False)
@@ -163,9 +169,15 @@ class AdaptedModel(nn.Module):
         Both files replace any earlier ones only once both are written in full; an adapter holding NaN or inf
         is refused rather than saved over a good one.
         """
-        from .persistence import save_adapter
-
-        save_adapter(self, Path(directory))
+        layers = self.adapter_layers()
+        layout = {
+            "modules": {name: list(linear_shape(layer.base_layer)) for name, layer in layers.items()},
+            "shared": {key: [name for name, layer in layers.items() if any(m is shared for m in layer.shared_modules())]
+                       for key, shared in self.shared.items()},
+            "modules_to_save": self.modules_to_save,
+            "base_model_class": type(self.base_model).__name__,
+        }
+        persistence.save_adapter(Path(directory), self.adapter_config, self.adapter_state_dict(), layout)
 
     def load_adapter_weights(self, directory: str | Path) -> None:
         """Copy the tensors of an adapter saved by ``save_pretrained`` into this model, in place.
@@ -173,9 +185,16 @@ class AdaptedModel(nn.Module):
         For resuming training: the saved adapter must have this model's config and modules. Both files are
         checked as ``from_pretrained`` checks them, and a refused load changes no tensor.
         """
-        from .persistence import load_adapter_weights
-
-        load_adapter_weights(self, Path(directory))
+        directory = Path(directory)
+        record, saved_config = persistence.read_adapter(directory)
+        if saved_config != self.adapter_config or sorted(record["modules"]) != sorted(self.adapter_names):
+            raise RankshareError(
+                f"The adapter in {directory} was saved with another config or other modules than this model's "
+                f"({record['config']} on {len(record['modules'])} modules; this model: {self.adapter_config.to_dict()} "
+                f"on {len(self.adapter_names)}). Load it into a fresh base model with AdaptedModel.from_pretrained()."
+            )
+        tensors = persistence.read_weights(directory, record)
+        persistence.copy_tensors(self.adapter_state_dict(), tensors, directory / persistence.WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | Path, is_trainable: bool = False) -> AdaptedModel:
@@ -184,6 +203,25 @@ class AdaptedModel(nn.Module):
         The adapter is frozen for inference unless ``is_trainable``. Files that do not fit each other or
         ``base_model`` raise RankshareError and leave ``base_model`` as it was.
         """
-        from .persistence import load_adapter
+        directory = Path(directory)
+        config_path = directory / persistence.CONFIG_NAME
+        record, config = persistence.read_adapter(directory)
+        persistence.check_base_model(base_model, record["modules"], config_path)
+        tensors = persistence.read_weights(directory, record)
 
-        return load_adapter(base_model, Path(directory), is_trainable)
+        requires_grad = {parameter: parameter.requires_grad for parameter in base_model.parameters()}
+        model = None
+        try:
+            model = adapt(base_model, config, modules_to_save=record["modules_to_save"] or None)
+            persistence.check_adapted_modules(model.adapter_names, record["modules"], config_path)
+            persistence.copy_tensors(model.adapter_state_dict(), tensors, directory / persistence.WEIGHTS_NAME)
+        except Exception:
+            # Give the caller's model back as it came, so that it can be used, or loaded into, again.
+            if model is not None:
+                model.unload()
+            for parameter, flag in requires_grad.items():
+                parameter.requires_grad_(flag)
+            raise
+        if not is_trainable:
+            model.requires_grad_(False)  # otherwise adapt() has already chosen what trains
+        return model

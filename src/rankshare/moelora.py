@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import register
 from .mixture import MixtureConfig, MixtureLayer, uniform_fan_in
 
 
@@ -50,9 +51,18 @@ class MoeLoraLayer(MixtureLayer):
         return self.scale * up @ self.lora_A.reshape(num_experts * rank, -1)
 
 
+@register
 @dataclass
 class MoeLoraConfig(MixtureConfig):
     """MoE-LoRA: rank r per expert, num_experts N, alpha (s = alpha / r)."""
 
     method = "moelora"
+    title = "MoE-LoRA"
     layer_class = MoeLoraLayer
+    # Chosen on the validation split of the demo, as the other methods' 3e-3 (see the README).
+    learning_rate = 1e-2
+
+    def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """Per layer: ``N r (d_in + d_out) + N d_in``."""
+        r, n = self.rank, self.num_experts
+        return sum(n * r * (d_in + d_out) + n * d_in for d_out, d_in in shapes.values())

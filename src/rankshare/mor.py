@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import register
 from .mixture import MixtureConfig, MixtureLayer, uniform_fan_in
 
 
@@ -56,9 +57,16 @@ class MorLayer(MixtureLayer):
         return self.scale * mixed @ self.lora_A
 
 
+@register
 @dataclass
 class MorConfig(MixtureConfig):
     """MoR: rank r of the shared LoRA pair, num_experts N scaling experts, alpha (s = alpha / r)."""
 
     method = "mor"
+    title = "MoR"
     layer_class = MorLayer
+
+    def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """Per layer: ``r (d_in + d_out) + N (r + d_out) + N d_in``."""
+        r, n = self.rank, self.num_experts
+        return sum(r * (d_in + d_out) + n * (r + d_out) + n * d_in for d_out, d_in in shapes.values())

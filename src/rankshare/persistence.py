@@ -1,5 +1,7 @@
 """Adapter files: ``adapter_config.json`` (JSON) and ``adapter_model.safetensors`` (tensors); never pickle.
 
+This module reads, writes and checks the files; it knows no model class (``AdaptedModel`` calls it).
+
 The tensor file holds only what the adapter adds (each shared factor once) and the modules saved whole,
 so it is about 4 bytes per adapter parameter in float32.
 
@@ -21,7 +23,6 @@ import hashlib
 import json
 import os
 import reprlib
-import secrets
 import shutil
 from pathlib import Path
 
@@ -29,20 +30,21 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .atomic_files import replace_together
 from .config import AdapterConfig
 from .errors import RankshareError
 from .layer import AdapterLayer, is_supported, linear_shape
-from .model import AdaptedModel, adapt
+from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREVIOUS_WEIGHTS_NAME = f".{WEIGHTS_NAME}.previous"  # the old weights, only while a save replaces them
 
 
-def save_adapter(model: AdaptedModel, directory: Path) -> None:
-    from . import __version__
-
-    tensors = {key: t.detach().contiguous() for key, t in model.adapter_state_dict().items()}
+def save_adapter(directory: Path, config: AdapterConfig, tensors: dict[str, torch.Tensor], layout: dict) -> None:
+    """Write both files; ``layout`` holds what loading checks against a base model: ``modules`` (name ->
+    [d_out, d_in]), ``shared`` (key -> the modules using it), ``modules_to_save`` and ``base_model_class``."""
+    tensors = {key: t.detach().contiguous() for key, t in tensors.items()}
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise RankshareError(
@@ -51,16 +53,10 @@ def save_adapter(model: AdaptedModel, directory: Path) -> None:
             )
     weights = safetensors.torch.save(tensors)
     record = {
-        "method": model.adapter_config.method,
-        "config": model.adapter_config.to_dict(),
+        "method": config.method,
+        "config": config.to_dict(),
         "rankshare_version": __version__,
-        "modules": {name: list(linear_shape(layer.base_layer)) for name, layer in model.adapter_layers().items()},
-        "shared": {
-            key: [name for name, layer in model.adapter_layers().items() if any(m is shared for m in layer.shared_modules())]
-            for key, shared in model.shared.items()
-        },
-        "modules_to_save": model.modules_to_save,
-        "base_model_class": type(model.base_model).__name__,
+        **layout,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
     record["config_sha256"] = _record_sha256(record)
@@ -68,7 +64,7 @@ def save_adapter(model: AdaptedModel, directory: Path) -> None:
     # Weights first, the old ones kept under another name until the new config is in place: a crash between
     # the renames leaves the old config beside new weights, and loading finds the old config's own weights.
     _keep_previous_weights(directory)
-    _replace_together({
+    replace_together({
         directory / WEIGHTS_NAME: weights,
         directory / CONFIG_NAME: (json.dumps(record, indent=2) + "\n").encode("utf-8"),
     })
@@ -85,46 +81,20 @@ def _keep_previous_weights(directory: Path) -> None:
             shutil.copyfile(current, previous)
 
 
-def load_adapter(base_model: nn.Module, directory: Path, is_trainable: bool) -> AdaptedModel:
-    """Check both files and the base model, then adapt it; a refused load leaves ``base_model`` as it came."""
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+def read_adapter(directory: Path) -> tuple[dict, AdapterConfig]:
+    """The checked record of ``adapter_config.json`` and the config it holds."""
+    config_path = directory / CONFIG_NAME
     record = _read_record(config_path)
     try:
         config = AdapterConfig.from_dict(record["config"])
     except RankshareError as error:
         raise RankshareError(f"{config_path}: {error}") from None
-    _check_base_model(base_model, record["modules"], config_path)
-    tensors = _read_tensors(weights_path, record.get("weights_sha256"))
-
-    requires_grad = {parameter: parameter.requires_grad for parameter in base_model.parameters()}
-    model = None
-    try:
-        model = adapt(base_model, config, modules_to_save=record["modules_to_save"] or None)
-        _check_adapted_modules(model, record["modules"], config_path)
-        _copy_tensors(model, tensors, weights_path)
-    except Exception:
-        # Give the caller's model back as it came, so that it can be used, or loaded into, again.
-        if model is not None:
-            model.unload()
-        for parameter, flag in requires_grad.items():
-            parameter.requires_grad_(flag)
-        raise
-    if not is_trainable:
-        model.requires_grad_(False)  # otherwise adapt() has already chosen what trains
-    return model
+    return record, config
 
 
-def load_adapter_weights(model: AdaptedModel, directory: Path) -> None:
-    """Copy a saved adapter's tensors into ``model`` in place; its config and modules must be the model's."""
-    record = _read_record(directory / CONFIG_NAME)
-    saved_config = AdapterConfig.from_dict(record["config"])
-    if saved_config != model.adapter_config or sorted(record["modules"]) != sorted(model.adapter_names):
-        raise RankshareError(
-            f"The adapter in {directory} was saved with another config or other modules than this model's "
-            f"({record['config']} on {len(record['modules'])} modules; this model: {model.adapter_config.to_dict()} "
-            f"on {len(model.adapter_names)}). Load it into a fresh base model with AdaptedModel.from_pretrained()."
-        )
-    _copy_tensors(model, _read_tensors(directory / WEIGHTS_NAME, record.get("weights_sha256")), directory / WEIGHTS_NAME)
+def read_weights(directory: Path, record: dict) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors``, checked against the checksum ``record`` holds."""
+    return _read_tensors(directory / WEIGHTS_NAME, record.get("weights_sha256"))
 
 
 def _read_record(path: Path) -> dict:
@@ -171,7 +141,8 @@ def _record_sha256(record: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
-def _check_base_model(base_model: nn.Module, modules: dict[str, list[int]], config_path: Path) -> None:
+def check_base_model(base_model: nn.Module, modules: dict[str, list[int]], config_path: Path) -> None:
+    """Every recorded module exists in ``base_model`` as a linear layer of the recorded shape."""
     if any(isinstance(m, AdapterLayer) for m in base_model.modules()):
         raise RankshareError(
             "This model already has rankshare adapters; load the adapter into the original base model."
@@ -197,8 +168,9 @@ def _check_base_model(base_model: nn.Module, modules: dict[str, list[int]], conf
             )
 
 
-def _check_adapted_modules(model: AdaptedModel, modules: dict[str, list[int]], config_path: Path) -> None:
-    adapted, recorded = set(model.adapter_names), set(modules)
+def check_adapted_modules(adapted: list[str], modules: dict[str, list[int]], config_path: Path) -> None:
+    """The modules the config selects in this base model are the ones the adapter was saved for."""
+    adapted, recorded = set(adapted), set(modules)
     if adapted != recorded:
         raise RankshareError(
             f"The target_modules of {config_path} select {len(adapted)} modules of this base model, but the adapter "
@@ -240,9 +212,8 @@ def _pickle_hint(data: bytes) -> str:
     return ""
 
 
-def _copy_tensors(model: AdaptedModel, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Copy the file's tensors into the adapter, every one checked before any is copied."""
-    expected = model.adapter_state_dict()
+def copy_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy the file's tensors into the adapter's (``expected``), every one checked before any is copied."""
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise RankshareError(
@@ -268,51 +239,3 @@ def _copy_tensors(model: AdaptedModel, tensors: dict[str, torch.Tensor], path: P
             )
     for key, target in expected.items():
         target.data.copy_(tensors[key])
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` beside ``path`` in full, then rename it over ``path``: a reader sees the old or the new file."""
-    _replace_together({path: data})
-
-
-def _replace_together(files: dict[Path, bytes]) -> None:
-    """Write every file in full beside its target, then rename each over its target, in order.
-
-    Nothing is renamed before everything is written, so a save that dies while writing changes no target.
-    """
-    temporaries: list[Path] = []
-    try:
-        for path, data in files.items():
-            temporaries.append(_write_beside(path, data))
-        for temporary, path in zip(temporaries, files):
-            os.replace(temporary, path)
-        _sync_directory(next(iter(files)).parent)
-    finally:
-        for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
-
-
-def _write_beside(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a new hidden file next to ``path``, synced to disk; returns the new file."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    file = open(temporary, "xb")  # "x": never another's file; default permissions, unlike tempfile's 0600
-    try:
-        with file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return temporary
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make the renames durable too; only POSIX systems can open a directory to sync it."""
-    if os.name != "posix":
-        return
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)

@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from ..finetune.budget import adapter_parameters
+from ..finetune.progress import progress
+from ..lotr import LotrConfig
+from ..peft_lora import PeftLoraConfig
 from ..finetune.train import versions
-from ..persistence import replace_file
+from ..atomic_files import replace_file
 from .measure import adapter_file, forward, interleaved_times, merged_inference, train_step, training_memory
 from .report import write_bench_report
 from .setups import Setup, build_variants, packaged_setup, synthetic_setup
@@ -71,8 +72,8 @@ def parameter_scaling() -> list[dict]:
     for hidden in (384, 768, 1024, 2048, 4096):
         for layers in (6, 12, 24, 32, 48):
             shapes = {f"layers.{i}.{p}": (hidden, hidden) for i in range(layers) for p in ("q_proj", "v_proj")}
-            lora = adapter_parameters("lora", shapes, RANK)
-            lotr = adapter_parameters("lotr", shapes, RANK)
+            lora = PeftLoraConfig(rank=RANK, target_modules=["q_proj", "v_proj"]).num_trainable_parameters(shapes)
+            lotr = LotrConfig(rank=RANK, target_modules=["q_proj", "v_proj"]).num_trainable_parameters(shapes)
             rows.append({"d": hidden, "L": layers, "lora": lora, "lotr": lotr, "lotr_over_lora": lotr / lora})
     return rows
 
@@ -80,10 +81,13 @@ def parameter_scaling() -> list[dict]:
 def run_bench(out: Path, full: bool, repeats: int, warmup: int = 2, say=print, quiet: bool = False) -> dict:
     started = time.perf_counter()
     results = []
-    for make in tqdm(list(setups(full)), desc="models", disable=quiet):
-        setup = make()
-        results.append(bench_setup(setup, repeats, warmup, full, say))
-        del setup
+    makers = list(setups(full))
+    with progress(len(makers), "bench", "models", quiet) as bar:
+        for make in makers:
+            setup = make()
+            results.append(bench_setup(setup, repeats, warmup, full, say))
+            del setup
+            bar.update()
     bench = {
         "mode": "full" if full else "quick",
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from ..persistence import replace_file
+from ..atomic_files import replace_file
 
 LIMIT, LORA = "limit (frozen, grads to inputs)", "PEFT LoRA r="
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import rankshare as rs
 
-from ..finetune.budget import plan_rank
+from ..finetune.budget import closest_rank
 from ..finetune.models import load_classifier, resolve_model
 from ..targets import target_shapes
 
@@ -141,7 +141,7 @@ def _trainable(model: nn.Module) -> int:
 def build_variants(setup: Setup, rank: int, num_experts: int, full: bool) -> list[Variant]:
     """The limit, head-only, PEFT LoRA, LoTR (same rank, and LoRA's budget), MoR, MoE-LoRA, naive MoR."""
     lora = peft_lora(setup, rank)
-    matched = plan_rank("lotr", setup.shapes, lora.adapter_parameters).rank
+    matched, _ = closest_rank(rs.LotrConfig(target_modules=setup.targets), setup.shapes, lora.adapter_parameters)
     variants = [
         the_limit(setup),
         lora,

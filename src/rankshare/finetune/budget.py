@@ -1,69 +1,34 @@
-"""Choose each method's rank so that its trainable adapter parameters come closest to a budget.
+"""Choose each method's rank so that its trainable adapter parameters fit a budget.
 
-Trainable adapter parameters (the head excluded) for targets of shape ``d_out × d_in``, N experts, and
-L layers in a LoTR group (the docstrings of lotr.py, mor.py and moelora.py)::
-
-    LoRA       r (d_in + d_out)                            per layer
-    LoTR       r (d_in + d_out) + L r²                     per group (only L r² with frozen factors)
-    MoR        r (d_in + d_out) + N (r + d_out) + N d_in   per layer
-    MoE-LoRA   N r (d_in + d_out) + N d_in                 per layer
-
-Every count grows strictly with r, so the rank closest to a budget is found by bisection. The mixtures
-have a floor that no rank removes (both routers' N d_in, MoR's N d_out output scales), and every method a
-ceiling at the largest useful rank, so a budget can be out of a method's reach.
+Each method counts its own parameters (``AdapterConfig.num_trainable_parameters``, the closed form in its
+file). A plan may exceed its budget by at most 5 % and fall short of it by at most 10 %. Every count grows
+strictly with the rank, so the two ranks around a budget are found by bisection, and the one closer to the
+budget among those that fit is chosen. Where one rank step is too coarse (MoE-LoRA: one more rank adds
+N r (d_in + d_out)), the planner tries the values the method offers for its ``budget_alternatives`` (the
+number of experts), nearest to the asked one first, and says so in the plan; a method that still cannot
+fit is left out, and its note names the nearest budget it could meet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
+from ..config import AdapterConfig
 from ..errors import RankshareError
-from ..targets import group_targets
 
-METHODS = ("lora", "lotr", "mor", "moelora")
-
-# A plan may miss its budget by at most this fraction of it; a method that cannot get closer is not
-# compared at that budget, since it would be compared at a different size.
-TOLERANCE = 0.5
+OVER, UNDER = 0.05, 0.10  # a plan's count lies in [budget (1 − UNDER), budget (1 + OVER)]
+WINDOW = f"−{100 * UNDER:.0f} %/+{100 * OVER:.0f} %"
 
 
-def adapter_parameters(
-    method: str,
-    shapes: dict[str, tuple[int, int]],
-    rank: int,
-    *,
-    num_experts: int = 8,
-    share: str = "by_name",
-    freeze_factors: bool = False,
-) -> int:
-    """Exact trainable adapter parameters (head excluded) for targets name -> (d_out, d_in).
-
-    LoRA counts as PEFT's LoRA without bias; ``num_experts`` applies to MoR and MoE-LoRA only, ``share``
-    and ``freeze_factors`` to LoTR only (LoTR groups come from ``rankshare.targets.group_targets``).
-    """
-    _check_arguments(method, shapes, num_experts, share)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise RankshareError(f"rank must be an integer >= 1, got {rank!r}.")
-    n = num_experts
-    if method == "lotr":
-        total = 0
-        for names in group_targets(shapes, share).values():
-            d_out, d_in = shapes[names[0]]
-            total += len(names) * rank * rank + (0 if freeze_factors else rank * (d_in + d_out))
-        return total
-    if method == "lora":
-        return sum(rank * (d_in + d_out) for d_out, d_in in shapes.values())
-    if method == "mor":
-        return sum(rank * (d_in + d_out) + n * (rank + d_out) + n * d_in for d_out, d_in in shapes.values())
-    return sum(n * rank * (d_in + d_out) + n * d_in for d_out, d_in in shapes.values())
+def fits(parameters: int, budget: int) -> bool:
+    # In integers: 0.9 B <= n <= 1.05 B.
+    return 10 * parameters >= 9 * budget and 20 * parameters <= 21 * budget
 
 
 def max_rank(shapes: dict[str, tuple[int, int]]) -> int:
-    """The largest useful rank: min(d_out, d_in) over all targets.
-
-    A LoTR group holds targets of one shape, so the minimum over groups is the same number.
-    """
+    """The largest useful rank: min(d_out, d_in) over all targets."""
     if not shapes:
         raise RankshareError("No target modules given; name the layers to adapt.")
     return min(min(d_out, d_in) for d_out, d_in in shapes.values())
@@ -71,83 +36,105 @@ def max_rank(shapes: dict[str, tuple[int, int]]) -> int:
 
 @dataclass
 class Plan:
-    """One method's rank for a budget; ``rank`` and ``parameters`` are None when the budget is out of reach."""
+    """One method's rank (and options) for a budget; ``rank`` is None when the method is left out."""
 
     method: str
     rank: int | None
+    options: dict[str, Any]
     parameters: int | None
     budget: int
     note: str
+    nearest_budget: int | None = None  # for a method left out: the nearest budget it could meet
 
     @property
     def reachable(self) -> bool:
         return self.rank is not None
 
 
-def plan_rank(
-    method: str,
-    shapes: dict[str, tuple[int, int]],
-    budget: int,
-    *,
-    num_experts: int = 8,
-    share: str = "by_name",
-    freeze_factors: bool = False,
-) -> Plan:
-    """The rank whose count is closest to ``budget`` (ties go to the smaller count), 1 <= rank <= max rank.
-
-    A method whose closest count still misses the budget by more than ``TOLERANCE`` of it cannot reach the
-    budget: the plan then has no rank, and its note says which count comes closest.
-    """
-    _check_budget(budget)
-    _check_arguments(method, shapes, num_experts, share)
-
+def neighbouring_ranks(config: AdapterConfig, shapes: dict[str, tuple[int, int]], budget: int) -> list[tuple[int, int]]:
+    """``(rank, count)`` of the largest rank below the budget and the smallest at or above it (one may be missing)."""
     def count(rank: int) -> int:
-        return adapter_parameters(
-            method, shapes, rank, num_experts=num_experts, share=share, freeze_factors=freeze_factors
-        )
+        return dataclasses.replace(config, rank=rank).num_trainable_parameters(shapes)
 
     top = max_rank(shapes)
-    low, high = 1, top  # find the smallest rank whose count reaches the budget, or the top rank
+    low, high = 1, top  # the smallest rank whose count reaches the budget, or the top rank
     while low < high:
         middle = (low + high) // 2
         if count(middle) >= budget:
             high = middle
         else:
             low = middle + 1
-    rank = low
-    if rank > 1 and budget - count(rank - 1) <= count(rank) - budget:
-        rank -= 1
-    parameters = count(rank)
-    if abs(parameters - budget) <= TOLERANCE * budget:
+    found = count(low)
+    if found < budget:  # even the top rank is below the budget
+        return [(low, found)]
+    return ([(low - 1, count(low - 1))] if low > 1 else []) + [(low, found)]
+
+
+def closest_rank(config: AdapterConfig, shapes: dict[str, tuple[int, int]], budget: int) -> tuple[int, int]:
+    """``(rank, count)`` closest to ``budget`` whether it fits or not (ties go to the smaller count)."""
+    _check_budget(budget)
+    return min(neighbouring_ranks(config, shapes, budget), key=lambda pair: abs(pair[1] - budget))
+
+
+def plan_rank(config: AdapterConfig, shapes: dict[str, tuple[int, int]], budget: int, vary: bool = True) -> Plan:
+    """The rank (and, with ``vary``, the alternative option values) that fit ``budget``; see the module's doc."""
+    _check_budget(budget)
+    method = config.method
+    candidates = [config]
+    if vary:
+        for name, values in config.budget_alternatives.items():
+            asked = getattr(config, name)
+            others = sorted((v for v in values if v != asked), key=lambda v: (abs(v - asked), v))
+            candidates += [dataclasses.replace(config, **{name: value}) for value in others]
+    rank, parameters = closest_rank(config, shapes, budget)
+    closest = f"rank {rank} gives {parameters:,}, {_relative(parameters, budget)}"
+    for candidate in candidates:
+        fitting = [(r, n) for r, n in neighbouring_ranks(candidate, shapes, budget) if fits(n, budget)]
+        if not fitting:
+            continue
+        rank, parameters = min(fitting, key=lambda pair: abs(pair[1] - budget))
         note = f"rank {rank} gives {parameters:,} ({_relative(parameters, budget)})"
-        return Plan(method, rank, parameters, budget, note)
+        if candidate is not config:
+            changed = [k for k, v in candidate.option_values().items() if v != getattr(config, k)]
+            chosen = ", ".join(f"{k}={getattr(candidate, k)}" for k in changed)
+            asked = ", ".join(f"{k}={getattr(config, k)}" for k in changed)
+            note = f"rank {rank} with {chosen} gives {parameters:,} ({_relative(parameters, budget)}); with {asked} " \
+                   f"no rank fits {WINDOW} ({closest})"
+        return Plan(method, rank, candidate.option_values(), parameters, budget, note)
+    tried = f", nor with any of {_alternatives(config)}" if len(candidates) > 1 else ""
+    nearest = nearest_budget(candidates, shapes, budget)
+    note = f"left out: no rank fits {WINDOW} of {budget:,} ({closest}){tried}; the nearest budget it can meet is {nearest:,}"
+    return Plan(method, None, config.option_values(), None, budget, note, nearest)
 
-    if rank == 1 and parameters > budget:
-        why = f"its smallest adapter (rank 1) has {parameters:,} parameters ({_relative(parameters, budget)})"
-    elif rank == top and parameters < budget:
-        why = f"its largest adapter (rank {top}) has {parameters:,} parameters ({_relative(parameters, budget)})"
-    else:
-        below, above = (rank, rank + 1) if parameters < budget else (rank - 1, rank)
-        why = f"rank {below} gives {count(below):,} and rank {above} gives {count(above):,}"
-    return Plan(method, None, None, budget, f"cannot reach {budget:,}: {why}")
+
+def _alternatives(config: AdapterConfig) -> str:
+    return ", ".join(f"{name}={min(values)}–{max(values)}" for name, values in config.budget_alternatives.items())
 
 
-def plan_all(methods: Sequence[str], shapes: dict[str, tuple[int, int]], budget: int, **kwargs) -> list[Plan]:
-    """``plan_rank`` for each method, in order; an error if no method can reach the budget."""
-    if not methods:
-        raise RankshareError(f"No methods to plan; choose some of {list(METHODS)}.")
-    plans = [plan_rank(method, shapes, budget, **kwargs) for method in methods]
+def nearest_budget(configs: Sequence[AdapterConfig], shapes: dict[str, tuple[int, int]], budget: int) -> int:
+    """The budget nearest to ``budget`` that one of ``configs`` fits at some rank.
+
+    A count n fits the budgets from n / 1.05 to n / 0.9; the nearest of these lies next to a neighbouring rank.
+    """
+    best = None
+    for config in configs:
+        for _, n in neighbouring_ranks(config, shapes, budget):
+            edge = (10 * n) // 9 if n < budget else -(-20 * n // 21)  # the end of n's range nearest the budget
+            if best is None or abs(edge - budget) < abs(best - budget):
+                best = edge
+    return best
+
+
+def plan_all(configs: Sequence[AdapterConfig], shapes: dict[str, tuple[int, int]], budget: int) -> list[Plan]:
+    """``plan_rank`` for each config, in order; an error if no method can fit the budget."""
+    if not configs:
+        raise RankshareError("No methods to plan; choose some of rankshare.methods().")
+    plans = [plan_rank(config, shapes, budget) for config in configs]
     if not any(plan.reachable for plan in plans):
-        top = max_rank(shapes)
-        ranges = "; ".join(
-            f"{method} {adapter_parameters(method, shapes, 1, **kwargs):,}–"
-            f"{adapter_parameters(method, shapes, top, **kwargs):,}"
-            for method in methods
-        )
+        nearest = ", ".join(f"{plan.method} {plan.nearest_budget:,}" for plan in plans)
         raise RankshareError(
-            f"No method can come within {100 * TOLERANCE:.0f} % of a budget of {budget:,} adapter parameters on these "
-            f"{len(shapes)} target modules. Counts from rank 1 to rank {top}: {ranges}. "
-            "Choose a budget inside one of these ranges, or other target modules."
+            f"No method fits a budget of {budget:,} adapter parameters ({WINDOW}) on these {len(shapes)} target "
+            f"modules; the nearest budgets each can meet: {nearest}. Choose one of these, or other target modules."
         )
     return plans
 
@@ -162,13 +149,3 @@ def _relative(parameters: int, budget: int) -> str:
 def _check_budget(budget: int) -> None:
     if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
         raise RankshareError(f"The parameter budget must be a positive integer, got {budget!r}.")
-
-
-def _check_arguments(method: str, shapes: dict[str, tuple[int, int]], num_experts: int, share: str) -> None:
-    if method not in METHODS:
-        raise RankshareError(f"Unknown method {method!r}; choose one of {list(METHODS)}.")
-    max_rank(shapes)  # refuses an empty set of targets
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise RankshareError(f"num_experts must be an integer >= 1, got {num_experts!r}.")
-    if share not in ("by_name", "by_shape"):
-        raise RankshareError(f"share must be 'by_name' or 'by_shape', got {share!r}.")

@@ -84,6 +84,20 @@ def load_causal_lm(source: ModelSource) -> nn.Module:
     return _load(AutoModelForCausalLM, source)
 
 
+def model_skeleton(source: ModelSource) -> nn.Module:
+    """The model's modules with their shapes and no weights (on the meta device): enough to plan an adapter."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = _quietly(AutoConfig.from_pretrained, source.path, **source.load_kwargs)
+        with torch.device("meta"):
+            return AutoModel.from_config(config)
+    except (OSError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RankshareError(f"--model {source.spec}: could not read its architecture ({first_line}).") from None
+
+
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 

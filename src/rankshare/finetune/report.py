@@ -21,14 +21,14 @@ import json
 import math
 from pathlib import Path
 
+from ..config import methods
 from ..errors import RankshareError
-from ..persistence import replace_file
+from ..atomic_files import replace_file
 
 REPORT_NAME = "report.md"
 PARAMETERS_PLOT_NAME = "accuracy_vs_params.png"
 ROUTER_PLOT_NAME = "router.png"
 
-METHOD_NAMES = {"lora": "LoRA", "lotr": "LoTR", "mor": "MoR", "moelora": "MoE-LoRA"}
 MISSING = "—"
 
 # The scores each kind of run reports per task, with their column titles.
@@ -135,7 +135,8 @@ def _row(cells: list[str]) -> str:
 
 
 def _method_name(run: dict) -> str:
-    return METHOD_NAMES.get(run["method"], str(run["method"]))
+    known = methods().get(run["method"])
+    return known.title if known else str(run["method"])
 
 
 def _number(value) -> float | None:

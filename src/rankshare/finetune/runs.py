@@ -18,14 +18,15 @@ import torch
 
 import rankshare as rs
 
+from ..atomic_files import replace_file
+from ..config import AdapterConfig, ExternalAdapterConfig, method_class
 from ..errors import RankshareError
-from ..persistence import replace_file
 from ..targets import target_shapes
 from . import distributed
 from .budget import plan_all
 from .data import DataSplits, load_data
 from .models import (ModelSource, default_targets, head_modules, load_causal_lm, load_classifier, load_tokenizer,
-                     resolve_model)
+                     model_skeleton, resolve_model)
 from .objectives import make_objective
 from .report import write_report
 from .train import Settings, attach_adapter, evaluate, parameter_counts, peak_memory_mb, train, versions
@@ -47,7 +48,10 @@ class Job:
     rank: int | None = None
     budget: int | None = None
     device: str = "auto"
-    settings: dict = field(default_factory=dict)  # Settings fields shared by all methods (not method, rank)
+    alpha: float | None = None
+    target_modules: list[str] | str | None = None  # None: the architecture's default targets
+    options: dict = field(default_factory=dict)  # methods' own options; each method takes those it declares
+    settings: dict = field(default_factory=dict)  # the schedule: Settings fields other than the adapter
 
 
 def write_json(path: Path, data) -> None:
@@ -113,7 +117,7 @@ class Workspace:
         self.objective = make_objective(self.kind, self.tokenizer, self.splits.tasks, job.max_length)
         torch.manual_seed(seed)  # a new classification head is initialised here
         self.pristine = self._load_base()
-        self.targets = job.settings.get("target_modules") or default_targets(self.pristine)
+        self.targets = job.target_modules or default_targets(self.pristine)
         self.shapes = target_shapes(self.pristine, self.targets)
 
     def _load_base(self):
@@ -124,14 +128,31 @@ class Workspace:
     def fresh_base(self):
         return copy.deepcopy(self.pristine)
 
-    def ranks(self) -> dict[str, tuple[int | None, str]]:
-        """Each method's rank: --rank for all, or the budget planner's choice."""
-        if self.job.budget is None:
-            return {m: (self.job.rank or 8, f"rank {self.job.rank or 8} (given)") for m in self.job.methods}
-        shared = self.job.settings
-        plans = plan_all(self.job.methods, self.shapes, self.job.budget, num_experts=shared.get("num_experts", 8),
-                         share=shared.get("share", "by_name"), freeze_factors=shared.get("freeze_factors", False))
-        return {plan.method: (plan.rank, plan.note) for plan in plans}
+
+def job_config(job: Job, method: str, rank: int, targets, options: dict | None = None) -> AdapterConfig:
+    """One method's config for ``job``: its own options from ``job.options`` unless ``options`` are given."""
+    cls = method_class(method)
+    if options is None:
+        options = {name: value for name, value in job.options.items() if name in cls.options()}
+    return cls(rank=rank, alpha=job.alpha, target_modules=targets, **options)
+
+
+def plan_adapters(job: Job, shapes: dict[str, tuple[int, int]], targets) -> dict[str, tuple[AdapterConfig | None, str]]:
+    """Each method's config and a note: --rank for all, or the budget planner's rank (and options); a
+    method the planner leaves out has no config."""
+    asked = [job_config(job, method, job.rank or 8, targets) for method in job.methods]
+    if job.budget is None:
+        return {config.method: (config, f"rank {config.rank} (given)") for config in asked}
+    plans = plan_all(asked, shapes, job.budget)
+    return {plan.method: (job_config(job, plan.method, plan.rank, targets, plan.options) if plan.reachable else None,
+                          plan.note) for plan in plans}
+
+
+def dry_run(job: Job) -> dict[str, tuple[AdapterConfig | None, str]]:
+    """The plan of ``job`` from the model's architecture alone: no weights, no data, no training."""
+    skeleton = model_skeleton(resolve_model(job.model))
+    targets = job.target_modules or default_targets(skeleton)
+    return plan_adapters(job, target_shapes(skeleton, targets), targets)
 
 
 def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | None = None,
@@ -178,9 +199,9 @@ def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | No
     return model, record
 
 
-def run_method(space: Workspace, method: str, rank: int, folder: Path, stop_after: int | None = None) -> dict:
-    """Train, evaluate and save one method in ``folder``; resumes from a checkpoint there."""
-    settings = Settings(method=method, rank=rank, **{**space.job.settings, "target_modules": space.targets})
+def run_method(space: Workspace, config: AdapterConfig, folder: Path, stop_after: int | None = None) -> dict:
+    """Train, evaluate and save one adapter in ``folder``; resumes from a checkpoint there."""
+    settings = Settings(adapter=config.to_dict(), **space.job.settings)
     model, record = fit(space, settings, folder, stop_after)
     if record and distributed.is_main():
         model.save_pretrained(str(folder / "adapter"))
@@ -200,28 +221,28 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
         check_out(out, overwrite)
     started = time.perf_counter()
     space = Workspace(job, quiet)
-    ranks = space.ranks()
+    plans = plan_adapters(job, space.shapes, space.targets)
     if not resuming and main:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         write_json(out / "command.json", asdict(job))
     distributed.barrier()  # no process may look for a checkpoint in `out` before it is prepared
-    for method, (_, note) in ranks.items():
+    for method, (_, note) in plans.items():
         if main:
             say(f"{method}: {note}")
     records = []
-    for method, (rank, _) in ranks.items():
-        if rank is None:
+    for method, (config, _) in plans.items():
+        if config is None:
             continue
         folder = out if len(job.methods) == 1 else out / method
         finished = folder / "metrics.json"
         if finished.is_file():
             records.append(json.loads(finished.read_text()))
             continue
-        records.append(run_method(space, method, rank, folder))
+        records.append(run_method(space, config, folder))
     for record in records:
-        record["plan"] = ranks[record["method"]][1]
+        record["plan"] = plans[record["method"]][1]
     if main:
         if len(job.methods) > 1:
             write_json(out / "metrics.json", {"runs": records, "wall_seconds": time.perf_counter() - started})
@@ -252,10 +273,9 @@ def load_trained(directory: Path, device: str = "auto"):
         name_labels(base, run["tasks"])
     else:
         base = load_causal_lm(source)
-    if run["settings"]["method"] == "lora":
-        import peft
-
-        model = peft.PeftModel.from_pretrained(base, str(adapter))
+    config = AdapterConfig.from_dict(run["settings"]["adapter"])
+    if isinstance(config, ExternalAdapterConfig):  # another library's files
+        model = type(config).load(base, str(adapter))
     else:
         model = rs.AdaptedModel.from_pretrained(base, adapter)
     return model.to(pick_device(device)).eval(), run, tokenizer, folder
@@ -285,18 +305,18 @@ def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "
 
 def merge_run(directory: Path, out: Path, gates: list[float] | str | None) -> Path:
     model, run, tokenizer, folder = load_trained(directory, "cpu")
-    method = run["settings"]["method"]
-    if method in ("mor", "moelora") and gates is None:
-        raise RankshareError(f"A {method} adapter routes each token differently and merges only with fixed gates: "
-                             f"pass --gates g1,...,gN ({run['settings']['num_experts']} numbers) or --gates TASK.")
-    if method in ("lora", "lotr") and gates is not None:
-        raise RankshareError(f"--gates applies to mor and moelora only; a {method} adapter merges without it.")
+    config = AdapterConfig.from_dict(run["settings"]["adapter"])
+    if config.merge_needs_gates and gates is None:
+        raise RankshareError(f"A {config.method} adapter routes each token differently and merges only with fixed "
+                             "gates: pass --gates g1,...,gN (one weight per expert) or --gates TASK.")
+    if not config.merge_needs_gates and gates is not None:
+        raise RankshareError(f"--gates applies to routed mixtures only; a {config.method} adapter merges without it.")
     if isinstance(gates, str):  # a task name: that task's mean routing, measured at evaluation
         router = json.loads((folder / "metrics.json").read_text()).get("router") or {}
         if gates not in router:
             raise RankshareError(f"--gates {gates}: no mean routing recorded for that task; tasks: {sorted(router)}.")
         gates = router[gates]
-    plain = model.merge_and_unload() if method in ("lora", "lotr") else model.merge_and_unload(gates=gates)
+    plain = model.merge_and_unload(gates=gates) if config.merge_needs_gates else model.merge_and_unload()
     temporary = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     plain.save_pretrained(str(temporary))

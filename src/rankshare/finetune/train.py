@@ -12,40 +12,34 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import rankshare as rs
 
+from ..config import AdapterConfig
 from ..errors import RankshareError
 from ..mixture import MixtureLayer
-from ..persistence import replace_file
+from ..atomic_files import replace_file
 from . import distributed
 from .data import DataSplits, Example
 from .objectives import Objective
+from .progress import progress
 
-# Per-method defaults, chosen on the validation split of the demo (MiniLM, news+sentiment, 75 steps, seed 0)
-# from 1e-3, 3e-3 and 1e-2; see the README.
-LEARNING_RATES = {"lora": 3e-3, "lotr": 3e-3, "mor": 3e-3, "moelora": 1e-2}
 CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
 class Settings:
-    """Everything that decides a run's result."""
+    """Everything that decides a run's result: the adapter's config and the schedule.
 
-    method: str
-    rank: int
-    alpha: float | None = None
-    num_experts: int = 8
-    target_modules: list[str] = field(default_factory=list)
-    share: str = "by_name"
-    init: str = "random"
-    freeze_factors: bool = False
+    ``lr`` None takes the method's own default (``AdapterConfig.learning_rate``).
+    """
+
+    adapter: dict  # AdapterConfig.to_dict(): method, rank, alpha, target_modules and the method's options
     epochs: int = 1
     max_steps: int | None = None
     lr: float | None = None
@@ -54,28 +48,24 @@ class Settings:
     checkpoint_every: int = 50
 
     @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else LEARNING_RATES[self.method]
+    def method(self) -> str:
+        return self.adapter["method"]
 
-    def adapter_config(self) -> rs.AdapterConfig:
-        common = {"rank": self.rank, "alpha": self.alpha, "target_modules": self.target_modules}
-        if self.method == "lotr":
-            return rs.LotrConfig(**common, share=self.share, init=self.init, freeze_factors=self.freeze_factors)
-        if self.method == "mor":
-            return rs.MorConfig(**common, num_experts=self.num_experts)
-        return rs.MoeLoraConfig(**common, num_experts=self.num_experts)
+    @property
+    def rank(self) -> int:
+        return self.adapter["rank"]
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig.from_dict(self.adapter)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else type(self.adapter_config()).learning_rate
 
 
 def attach_adapter(model: nn.Module, settings: Settings, heads: list[str]) -> nn.Module:
-    """Our adapters through ``rs.adapt``; LoRA through PEFT itself, the baseline users know."""
+    """The adapter of ``settings`` on ``model`` (PEFT's LoRA through PEFT itself), drawn from the run's seed."""
     torch.manual_seed(settings.seed)
-    if settings.method == "lora":
-        import peft
-
-        alpha = settings.alpha if settings.alpha is not None else settings.rank
-        config = peft.LoraConfig(r=settings.rank, lora_alpha=alpha, lora_dropout=0.0,
-                                 target_modules=settings.target_modules, modules_to_save=heads or None)
-        return peft.get_peft_model(model, config)
     return rs.adapt(model, settings.adapter_config(), modules_to_save=heads)
 
 
@@ -111,8 +101,7 @@ def train(model: nn.Module, objective: Objective, examples: list[Example], setti
     start, step_seconds = _resume(model, optimiser, schedule, checkpoint_dir)
     model.train()
     trained = distributed.wrap(model, device)
-    bar = tqdm(total=len(order), initial=start, desc=f"train {settings.method}", disable=quiet or not distributed.is_main(),
-               unit="step", dynamic_ncols=True)
+    bar = progress(len(order), f"train {settings.method}", "steps", quiet or not distributed.is_main(), initial=start)
     for step in range(start, len(order)):
         tick = time.perf_counter()
         batch = objective.batch([examples[i] for i in distributed.shard(order[step])], device)
@@ -251,8 +240,7 @@ def evaluate(model, objective: Objective, splits: DataSplits, batch_size: int, d
         for split in names:
             tracker.reset()  # the routing recorded is the last split's alone
             examples = distributed.shard(getattr(splits, split))
-            with tqdm(total=len(examples), desc=f"eval {split}", disable=quiet or not distributed.is_main(), unit="ex",
-                      dynamic_ncols=True) as bar:
+            with progress(len(examples), f"eval {split}", "examples", quiet or not distributed.is_main()) as bar:
                 tally = objective.tally(model, examples, batch_size, device, progress=bar.update)
             results[split] = objective.summarize(distributed.gather(tally))
     finally:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..config import methods
+
 
 @dataclass
 class Variant:
@@ -20,7 +22,7 @@ class Variant:
     budget: int | None = None  # instead of ranks: the one rank whose count comes closest to this
     search_rank: int | None = None  # where the learning rate is chosen; default: the middle rank
     lr_from: str | None = None  # reuse the rate chosen for another variant of the part
-    options: dict = field(default_factory=dict)  # Settings fields: share, init, freeze_factors, num_experts
+    options: dict = field(default_factory=dict)  # the method's own options (its config's fields)
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Part:
     learning_rates: tuple[float, ...]
     seeds: tuple[int, ...]
     variants: list[Variant]
-    merge_seeds: tuple[int, ...] = ()  # LoTR runs of these seeds are also evaluated merged into the base
+    merge_seeds: tuple[int, ...] = ()  # runs of these seeds that merge without gates are also evaluated merged
 
 
 def lotr_variants(lora: tuple[int, ...], by_name: tuple[int, ...], frozen: tuple[int, ...],
@@ -55,7 +57,8 @@ def lotr_variants(lora: tuple[int, ...], by_name: tuple[int, ...], frozen: tuple
 
 def mixture_variants(budget: int, experts: tuple[int, ...], search_experts: int) -> list[Variant]:
     variants = [Variant("lora", "LoRA (PEFT)", "lora", budget=budget)]
-    for method, label in (("mor", "MoR"), ("moelora", "MoE-LoRA")):
+    for method in ("mor", "moelora"):
+        label = methods()[method].title
         for n in experts:
             lr_from = None if n == search_experts else f"{method}-n{search_experts}"
             variants.append(Variant(f"{method}-n{n}", f"{label}, N={n}", method, budget=budget, lr_from=lr_from,
@@ -111,7 +114,7 @@ def quick_plan() -> list[Part]:
         parts.append(Part(part.name, part.claim, part.model, part.data, max_train=16 if small else 64,
                           max_eval=12 if small else 40, max_length=part.max_length, batch_size=part.batch_size,
                           learning_rates=part.learning_rates[-1:], seeds=(0,),
-                          variants=[v for v in variants if not small or v.method == "lotr"][:2 if small else None],
+                          variants=variants[1:3] if small else variants,  # SmolLM2: its two LoTR variants
                           merge_seeds=(0,)))
     return parts
 

@@ -15,14 +15,20 @@ import math
 import statistics
 from pathlib import Path
 
+from ..config import methods
 from ..finetune.report import compact, new_figure, router_figure
-from ..persistence import replace_file
+from ..atomic_files import replace_file
 from .plan import Part, Variant
 from .runner import PLAN_FILE, SEARCH_FILE
 
 SUMMARY = "summary.md"
 # One colour per variant in every plot.
 COLOURS = {"lora": "C0", "lotr": "C1", "lotr-by-shape": "C2", "lotr-frozen": "C3"}
+
+
+def is_mixture(variant: Variant) -> bool:
+    """A routed mixture: its update depends on per-token gates."""
+    return methods()[variant.method].merge_needs_gates
 
 
 def load_parts(out: Path) -> list[Part]:
@@ -157,11 +163,12 @@ def mor_figure(part: Part, runs: dict[str, list[dict]]):
     colour = 0
     for variant in part.variants:
         group = runs[variant.name]
-        if variant.method == "lora" and group:
+        if not is_mixture(variant) and group:  # the baseline: a line across the plot
             mean, std = mean_std([r["metrics"]["test"]["average"]["accuracy"] for r in group])
             axes.axhline(100 * mean, color="0.3", label=f"{variant.label}, r={group[0]['rank']}")
             axes.axhspan(100 * (mean - std), 100 * (mean + std), color="0.3", alpha=0.15)
-    for method, label in (("mor", "MoR"), ("moelora", "MoE-LoRA")):
+    for method in dict.fromkeys(v.method for v in part.variants if is_mixture(v)):
+        label = methods()[method].title
         mixtures = [v for v in part.variants if v.method == method and runs[v.name]]
         if not mixtures:
             continue
@@ -186,13 +193,13 @@ def mor_figure(part: Part, runs: dict[str, list[dict]]):
 
 def largest_mixture(part: Part) -> int:
     """The largest number of experts among the part's mixtures (0 if it has none)."""
-    return max((v.options.get("num_experts", 0) for v in part.variants if v.method != "lora"), default=0)
+    return max((v.options.get("num_experts", 0) for v in part.variants if is_mixture(v)), default=0)
 
 
 def mor_router_figure(part: Part, runs: dict[str, list[dict]]):
     """Seed 0's routing for each mixture at the largest N (experts are not matched across seeds)."""
     largest = largest_mixture(part)
-    chosen = [r for v in part.variants if v.method != "lora" and v.options.get("num_experts") == largest
+    chosen = [r for v in part.variants if is_mixture(v) and v.options.get("num_experts") == largest
               for r in runs[v.name] if r["seed"] == min(part.seeds) and r.get("router")]
     if not chosen:
         return None

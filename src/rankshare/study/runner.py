@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import AdapterConfig, ExternalAdapterConfig, method_class
 from ..errors import RankshareError
-from ..finetune.budget import plan_rank
+from ..finetune.budget import closest_rank
 from ..finetune.models import head_modules
 from ..finetune.runs import Job, Workspace, fit, write_json
 from ..finetune.train import Settings, attach_adapter, evaluate, versions
@@ -103,14 +104,16 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
                 run_once(space, part, variant, rank, lr, seed, ("test",), out, say)
 
 
+def variant_config(variant: Variant, rank: int, targets) -> AdapterConfig:
+    return method_class(variant.method)(rank=rank, target_modules=targets, **variant.options)
+
+
 def variant_ranks(variant: Variant, space: Workspace) -> list[int]:
+    """The variant's ranks, or the one rank whose count comes closest to its budget at its own options (the
+    study compares fixed numbers of experts, so the planner may not change them)."""
     if variant.budget is None:
         return list(variant.ranks)
-    options = {k: v for k, v in variant.options.items() if k in ("num_experts", "share", "freeze_factors")}
-    plan = plan_rank(variant.method, space.shapes, variant.budget, **options)
-    if plan.rank is None:
-        raise RankshareError(f"Study variant {variant.name}: {plan.note}.")
-    return [plan.rank]
+    return [closest_rank(variant_config(variant, 1, space.targets), space.shapes, variant.budget)[0]]
 
 
 def run_name(variant: Variant, rank: int, lr: float, seed: int) -> str:
@@ -124,15 +127,17 @@ def run_once(space: Workspace, part: Part, variant: Variant, rank: int, lr: floa
     if path.is_file():
         return json.loads(path.read_text())
     started = time.perf_counter()
-    settings = Settings(method=variant.method, rank=rank, lr=lr, seed=seed, batch_size=part.batch_size,
-                        target_modules=space.targets, **variant.options)
+    settings = Settings(adapter=variant_config(variant, rank, space.targets).to_dict(), lr=lr, seed=seed,
+                        batch_size=part.batch_size)
     _initialise_head(space, seed)
     checkpoints = out / CHECKPOINTS / part.name / name
     model, record = fit(space, settings, checkpoints, splits=splits)
     record.update(part=part.name, variant=variant.name, label=variant.label)
     if "router_layers" in record:
         record["router_layers_at_init"] = initial_routing(space, settings)
-    if variant.method == "lotr" and seed in part.merge_seeds:
+    config = settings.adapter_config()
+    # rankshare's own merges without gates (LoTR's) are checked; PEFT's are PEFT's, the mixtures' need gates.
+    if seed in part.merge_seeds and not config.merge_needs_gates and not isinstance(config, ExternalAdapterConfig):
         record["merged"] = merged_evaluation(model, space, part.batch_size)
     record["wall_seconds"] = time.perf_counter() - started
     write_json(path, record)

@@ -20,7 +20,9 @@ $(INSTALLED): pyproject.toml | $(BIN)/python
 
 install: $(INSTALLED)
 
+# Lint first (ruff: the 120-column limit, pyflakes, import order), then the tests.
 test: install
+	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest
 
 # The main job on its embedded defaults: MiniLM on news+sentiment, LoRA, LoTR, MoR and MoE-LoRA at one

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import rankshare as rs
 from rankshare.finetune.models import resolve_model
@@ -47,14 +55,16 @@ def build_gpt2() -> nn.Module:
 
 
 def build_mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    return nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 3))
 
 
 FAMILIES = {
     "bert": Family("bert", build_bert, ["query", "value"], _token_inputs, ["classifier"]),
     "llama": Family("llama", build_llama, ["q_proj", "k_proj", "v_proj"], _token_inputs, []),
     "gpt2": Family("gpt2", build_gpt2, ["c_attn", "c_proj"], _token_inputs, []),
-    "mlp": Family("mlp", build_mlp, ["0", "2", "4"], lambda: {"input": torch.randn(5, 16, generator=torch.Generator().manual_seed(7))}, ["6"]),
+    "mlp": Family("mlp", build_mlp, ["0", "2", "4"],
+                  lambda: {"input": torch.randn(5, 16, generator=torch.Generator().manual_seed(7))}, ["6"]),
 }
 
 METHODS = {

@@ -61,7 +61,8 @@ def test_merged_inference_matches_and_files_are_tight(measured):
 
 def test_report_renders(measured):
     bench = {"mode": "quick", "machine": {"processor": "x", "cpus": 2, "torch_threads": 2, "device": "cpu"},
-             "versions": {"torch": "t", "transformers": "t", "peft": "p"}, "repeats": 2, "warmup": 1, "wall_seconds": 1.0,
+             "versions": {"torch": "t", "transformers": "t", "peft": "p"}, "repeats": 2, "warmup": 1,
+             "wall_seconds": 1.0,
              "setups": [measured], "parameter_scaling": parameter_scaling()}
     text = markdown(bench)
     assert "LoTR step / PEFT LoRA step" in text and "| 768 | 12 | 294,912 | 26,112 |" in text

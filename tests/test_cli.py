@@ -50,8 +50,10 @@ def common(model: Path, data: Path) -> list:
 
 def test_train_writes_adapter_metrics_report_and_plot(tiny_bert, topics_csv, tmp_path):
     out = tmp_path / "run"
-    assert cli("train", "--method", "lotr", "--rank", 4, "--epochs", 2, "--lr", 1e-2, *common(tiny_bert, topics_csv), "--out", out) == 0
-    assert {"adapter", "metrics.json", "report.md", "accuracy_vs_params.png", "run.json", "command.json"} <= {p.name for p in out.iterdir()}
+    assert cli("train", "--method", "lotr", "--rank", 4, "--epochs", 2, "--lr", 1e-2, *common(tiny_bert, topics_csv),
+               "--out", out) == 0
+    written = {p.name for p in out.iterdir()}
+    assert {"adapter", "metrics.json", "report.md", "accuracy_vs_params.png", "run.json", "command.json"} <= written
     assert not (out / "checkpoint.pt").exists()  # removed once the run finished
     record = json.loads((out / "metrics.json").read_text())
     assert record["method"] == "lotr" and record["rank"] == 4
@@ -66,7 +68,8 @@ def test_train_writes_adapter_metrics_report_and_plot(tiny_bert, topics_csv, tmp
 
 def test_compare_at_a_budget_reports_every_method(tiny_bert, topics_csv, tmp_path, capsys):
     out = tmp_path / "cmp"
-    code = cli("compare", "--budget", 1500, "--num-experts", 2, "--max-steps", 3, *common(tiny_bert, topics_csv), "--out", out)
+    code = cli("compare", "--budget", 1500, "--num-experts", 2, "--max-steps", 3, *common(tiny_bert, topics_csv),
+               "--out", out)
     assert code == 0
     summary = json.loads((out / "metrics.json").read_text())
     methods = [run["method"] for run in summary["runs"]]
@@ -84,12 +87,14 @@ def test_compare_at_a_budget_reports_every_method(tiny_bert, topics_csv, tmp_pat
     assert "| method |" in printed  # the table is printed too
     # resuming a finished comparison trains nothing and reports the same runs
     assert cli("compare", "--resume", out, "--quiet") == 0
-    assert [r["metrics"] for r in json.loads((out / "metrics.json").read_text())["runs"]] == [r["metrics"] for r in summary["runs"]]
+    again = json.loads((out / "metrics.json").read_text())["runs"]
+    assert [r["metrics"] for r in again] == [r["metrics"] for r in summary["runs"]]
 
 
 def test_eval_reproduces_the_recorded_test_metrics(tiny_bert, topics_csv, tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli("train", "--method", "mor", "--rank", 2, "--num-experts", 3, "--max-steps", 4, *common(tiny_bert, topics_csv), "--out", out) == 0
+    assert cli("train", "--method", "mor", "--rank", 2, "--num-experts", 3, "--max-steps", 4,
+               *common(tiny_bert, topics_csv), "--out", out) == 0
     capsys.readouterr()
     assert cli("eval", "--adapter", out, "--quiet") == 0
     evaluated = json.loads(capsys.readouterr().out)
@@ -101,7 +106,8 @@ def test_eval_reproduces_the_recorded_test_metrics(tiny_bert, topics_csv, tmp_pa
 @pytest.mark.parametrize("method", ["lotr", "lora"])
 def test_merge_writes_a_plain_model_with_the_same_outputs(tiny_bert, topics_csv, tmp_path, method):
     out, merged = tmp_path / "run", tmp_path / "merged"
-    assert cli("train", "--method", method, "--rank", 2, "--max-steps", 4, "--lr", 5e-2, *common(tiny_bert, topics_csv), "--out", out) == 0
+    assert cli("train", "--method", method, "--rank", 2, "--max-steps", 4, "--lr", 5e-2,
+               *common(tiny_bert, topics_csv), "--out", out) == 0
     assert cli("merge", "--adapter", out, "--out", merged) == 0
     from rankshare.finetune.runs import load_trained
 
@@ -118,7 +124,8 @@ def test_merge_writes_a_plain_model_with_the_same_outputs(tiny_bert, topics_csv,
 
 def test_merge_mor_needs_gates(tiny_bert, topics_csv, tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli("train", "--method", "mor", "--rank", 2, "--num-experts", 2, "--max-steps", 2, *common(tiny_bert, topics_csv), "--out", out) == 0
+    assert cli("train", "--method", "mor", "--rank", 2, "--num-experts", 2, "--max-steps", 2,
+               *common(tiny_bert, topics_csv), "--out", out) == 0
     capsys.readouterr()
     assert cli("merge", "--adapter", out, "--out", tmp_path / "m1") == 2
     assert "--gates" in capsys.readouterr().err
@@ -235,13 +242,16 @@ def test_language_modelling_reports_perplexity(tiny_llama, topics_csv, tmp_path)
     assert (out / "report.md").read_text().count("perplexity") >= 1
 
 
-def test_eval_on_another_file_of_the_same_task_and_merge_from_the_adapter_folder(tiny_bert, topics_csv, tmp_path, capsys):
+def test_eval_on_another_file_of_the_same_task_and_merge_from_the_adapter_folder(tiny_bert, topics_csv, tmp_path,
+                                                                                   capsys):
     out = tmp_path / "run"
-    assert cli("train", "--method", "mor", "--rank", 2, "--num-experts", 2, "--max-steps", 2, *common(tiny_bert, topics_csv), "--out", out) == 0
+    assert cli("train", "--method", "mor", "--rank", 2, "--num-experts", 2, "--max-steps", 2,
+               *common(tiny_bert, topics_csv), "--out", out) == 0
     renamed = tmp_path / "other_name.csv"
     renamed.write_text(topics_csv.read_text())
     capsys.readouterr()
-    assert cli("eval", "--adapter", out / "adapter", "--data", renamed, "--text-column", "body", "--label-column", "topic", "--quiet") == 0
+    assert cli("eval", "--adapter", out / "adapter", "--data", renamed, "--text-column", "body",
+               "--label-column", "topic", "--quiet") == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["metrics"]["test"] == json.loads((out / "metrics.json").read_text())["metrics"]["test"]
     assert cli("merge", "--adapter", out / "adapter", "--out", tmp_path / "merged", "--gates", "topics") == 0

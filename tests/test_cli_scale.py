@@ -23,7 +23,8 @@ BIN = Path(sys.executable).parent
 
 def save_tiny_bert(folder: Path, dropout: float) -> Path:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48,
                         max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertForSequenceClassification(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_model("minilm").path).save_pretrained(folder)
@@ -64,7 +65,8 @@ def test_kill_9_then_resume_ends_as_an_uninterrupted_run(tiny_bert_with_dropout,
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "metrics.json").exists()  # it really was interrupted
-    resumed = subprocess.run([BIN / "rankshare", "train", "--resume", str(killed), "--quiet"], capture_output=True, text=True)
+    resumed = subprocess.run([BIN / "rankshare", "train", "--resume", str(killed), "--quiet"], capture_output=True,
+                             text=True)
     assert resumed.returncode == 0, resumed.stderr
     done = subprocess.run([BIN / "rankshare", *arguments(tiny_bert_with_dropout, topics_csv, straight, *common)],
                           capture_output=True, text=True)
@@ -81,11 +83,13 @@ def test_torchrun_two_processes_match_one(still_bert, topics_csv, tmp_path, meth
     common = ("--method", method, "--rank", "2", "--max-steps", "6", "--device", "cpu")
     common += ("--num-experts", "2") if method == "mor" else ()
     one, two = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run([BIN / "rankshare", *arguments(still_bert, topics_csv, one, *common)], capture_output=True, text=True)
+    single = subprocess.run([BIN / "rankshare", *arguments(still_bert, topics_csv, one, *common)], capture_output=True,
+                            text=True)
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = subprocess.run([BIN / "torchrun", "--standalone", "--nproc_per_node", "2", "-m", "rankshare.cli",
-                               *arguments(still_bert, topics_csv, two, *common)], capture_output=True, text=True, env=env)
+                               *arguments(still_bert, topics_csv, two, *common)], capture_output=True, text=True,
+                              env=env)
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stdout.count("| method |") == 1  # only the first process reports
     first, second = adapter(one), adapter(two)

@@ -1,4 +1,4 @@
-"""Trainable-parameter counts against the closed forms in the methods' docstrings, and real sharing of LoTR's factors."""
+"""Trainable-parameter counts against the closed forms in the methods' docstrings; real sharing of LoTR's factors."""
 
 from __future__ import annotations
 
@@ -48,12 +48,18 @@ def test_frozen_factors_train_cores_only(family):
     assert all(not p.requires_grad for group in model.shared.values() for p in group.parameters())
 
 
+def roberta_like() -> nn.Module:
+    """RoBERTa-base's query and value projections: 12 layers of two 768 × 768 linear layers."""
+    layers = (nn.ModuleDict({"query": nn.Linear(768, 768), "value": nn.Linear(768, 768)}) for _ in range(12))
+    return nn.Sequential(nn.ModuleList(layers))
+
+
 def test_roberta_base_figures_from_methods_md():
     """RoBERTa-base q and v (d = 768, L = 12): LoRA r = 8 trains 294,912, LoTR r = 8 (by name) 26,112."""
-    layers = nn.ModuleList(nn.ModuleDict({"query": nn.Linear(768, 768), "value": nn.Linear(768, 768)}) for _ in range(12))
-    model = rs.adapt(nn.Sequential(layers), rs.LotrConfig(rank=8, target_modules=["query", "value"]))
-    assert model.num_trainable_parameters() == 26_112
-    assert 2 * 768 * 8 * 24 == 294_912
+    lotr = rs.adapt(roberta_like(), rs.LotrConfig(rank=8, target_modules=["query", "value"]))
+    assert lotr.num_trainable_parameters() == 26_112
+    lora = rs.adapt(roberta_like(), rs.PeftLoraConfig(rank=8, target_modules=["query", "value"]))  # PEFT's model
+    assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == 294_912
 
 
 def test_factors_are_shared_storage_and_cores_are_not(family):
@@ -71,7 +77,8 @@ def test_by_shape_shares_across_projection_types():
     """LLaMA's k_proj and v_proj have one shape (32 → 16), so by_shape gives them one U, V."""
     from conftest import FAMILIES
 
-    model = rs.adapt(base_model(FAMILIES["llama"]), rs.LotrConfig(rank=2, target_modules=["k_proj", "v_proj"], share="by_shape"))
+    config = rs.LotrConfig(rank=2, target_modules=["k_proj", "v_proj"], share="by_shape")
+    model = rs.adapt(base_model(FAMILIES["llama"]), config)
     assert list(model.shared) == ["16x32"]
     by_name = rs.adapt(base_model(FAMILIES["llama"]), rs.LotrConfig(rank=2, target_modules=["k_proj", "v_proj"]))
     assert sorted(by_name.shared) == ["model/layers/*/self_attn/k_proj", "model/layers/*/self_attn/v_proj"]

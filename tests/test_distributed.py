@@ -122,7 +122,8 @@ def distributed_run(tmp_path_factory) -> Path:
 
 
 def rank_tensors(out_dir: Path, wrapper: str, method: str) -> list[dict[str, torch.Tensor]]:
-    return [safetensors.torch.load_file(out_dir / f"{wrapper}-{method}-rank{rank}.safetensors") for rank in range(WORLD_SIZE)]
+    return [safetensors.torch.load_file(out_dir / f"{wrapper}-{method}-rank{rank}.safetensors")
+            for rank in range(WORLD_SIZE)]
 
 
 @pytest.mark.parametrize("wrapper, method", CASES)

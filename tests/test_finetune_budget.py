@@ -56,7 +56,8 @@ def test_every_method_is_covered():
 
 def roberta_base_shapes() -> dict[str, tuple[int, int]]:
     """RoBERTa-base's query and value projections: 12 layers of 768 × 768."""
-    return {f"roberta.encoder.layer.{i}.attention.self.{kind}": (768, 768) for i in range(12) for kind in ("query", "value")}
+    return {f"roberta.encoder.layer.{i}.attention.self.{kind}": (768, 768)
+            for i in range(12) for kind in ("query", "value")}
 
 
 def test_roberta_base_figures_from_methods_md():
@@ -71,7 +72,8 @@ def test_roberta_base_figures_from_methods_md():
 
 
 def brute_force(config: rs.AdapterConfig, shapes, budget: int) -> tuple[int, int] | None:
-    counts = {r: dataclasses.replace(config, rank=r).num_trainable_parameters(shapes) for r in range(1, max_rank(shapes) + 1)}
+    counts = {r: dataclasses.replace(config, rank=r).num_trainable_parameters(shapes)
+              for r in range(1, max_rank(shapes) + 1)}
     inside = [r for r, n in counts.items() if 0.9 * budget <= n <= 1.05 * budget]
     if not inside:
         return None
@@ -83,7 +85,8 @@ def brute_force(config: rs.AdapterConfig, shapes, budget: int) -> tuple[int, int
 def test_plan_picks_the_closest_rank_inside_the_window(method, options):
     shapes = target_shapes(FAMILIES["llama"])
     config = rs.methods()[method](rank=1, target_modules=["q_proj", "k_proj", "v_proj"], **options)
-    counts = [dataclasses.replace(config, rank=r).num_trainable_parameters(shapes) for r in range(1, max_rank(shapes) + 1)]
+    counts = [dataclasses.replace(config, rank=r).num_trainable_parameters(shapes)
+              for r in range(1, max_rank(shapes) + 1)]
     budgets = {1, 10 * counts[-1]}
     for n in counts:  # the window's edges, where rounding would show
         budgets |= {n - 1, n, n + 1, int(n / 1.05), int(n / 1.05) + 1, int(n / 0.9), int(n / 0.9) + 1}

@@ -96,7 +96,8 @@ def test_classification_table_contents():
     )
     # test split: each score 0.01 below validation
     assert lines[2] == (
-        "| LoRA | 8 | 294,912 | 1,925 | 90.0 % | 88.0 % | 84.0 % | 83.0 % | 87.0 % | 85.5 % | 61.2 s | 0.710 s | 812 MB |"
+        "| LoRA | 8 | 294,912 | 1,925 | 90.0 % | 88.0 % | 84.0 % | 83.0 % | 87.0 % | 85.5 % | 61.2 s | 0.710 s "
+        "| 812 MB |"
     )
     assert lines[3].startswith(
         "| LoTR | 8 | 26,112 | 1,925 | 89.0 % | 87.0 % | 85.0 % | 84.0 % | 87.0 % | 85.5 % | 1,234.6 s |"
@@ -127,7 +128,8 @@ def test_no_router_no_router_plot(tmp_path):
 def test_language_modelling_report(tmp_path):
     runs = language_modelling_runs()
     table = markdown_table(runs)
-    header = "| method | rank | adapter params | head params | wiki perplexity | train time | median step | peak memory |"
+    header = ("| method | rank | adapter params | head params | wiki perplexity | train time | median step "
+              "| peak memory |")
     assert table.startswith(header + "\n")
     assert "| LoRA | 8 | 1,000,000 | 0 | 23.40 | 20.0 s | 0.250 s | 1,500 MB |" in table
     assert "| LoTR | 16 | 150,000 | 0 | 24.56 |" in table

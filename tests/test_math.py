@@ -16,7 +16,7 @@ def dense_base_weight(layer: rs.AdapterLayer) -> torch.Tensor:
 
 
 def reference_expert_updates(layer: rs.AdapterLayer) -> torch.Tensor:
-    """s · ΔW_i as (N, d_out, d_in), from the raw parameters, following the papers (as written in mor.py and moelora.py)."""
+    """s · ΔW_i as (N, d_out, d_in), from the raw parameters, following the papers (as in mor.py and moelora.py)."""
     s = layer.scale
     if isinstance(layer, rs.MorLayer):
         A, B, a, b = layer.lora_A, layer.lora_B, layer.scale_in, layer.scale_out

@@ -179,7 +179,7 @@ def adapted_shapes(draw) -> dict:
 
 
 def closed_form_count(method: str, d_in: int, d_out: int, count: int, rank: int, experts: int) -> int:
-    """Trainable parameters from the methods' docstrings (one LoTR group: all layers share a masked name and a shape)."""
+    """Trainable parameters from the methods' docstrings (one LoTR group: the layers share a masked name and shape)."""
     if method == "lotr":
         return rank * (d_in + d_out) + count * rank**2
     if method == "mor":

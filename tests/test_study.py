@@ -17,8 +17,8 @@ from rankshare.finetune.budget import closest_rank
 from rankshare.finetune.train import RouterTracker
 from rankshare.study import runner
 from rankshare.study.plan import MIXTURE_BUDGET, Part, Variant, full_plan, quick_plan
-from rankshare.study.runner import variant_config
 from rankshare.study.report import mean_std, points, specialisation, write_summary
+from rankshare.study.runner import variant_config
 
 MINILM_SHAPES = {f"layer.{i}.{name}": (384, 384) for i in range(6) for name in ("query", "value")}
 SMOLLM2_SHAPES = {**{f"layers.{i}.q_proj": (576, 576) for i in range(30)},
@@ -76,7 +76,8 @@ def test_summary_statistics():
     assert specialisation({"a": [[1.0, 0.0]], "b": [[0.0, 1.0]]}) == 1
     # per layer, then averaged: layers that swap experts are fully specialised, though the layer means agree
     assert specialisation({"a": [[1.0, 0.0], [0.0, 1.0]], "b": [[0.0, 1.0], [1.0, 0.0]]}) == 1
-    assert specialisation({"a": [[0.7, 0.2, 0.1], [0.5, 0.5, 0.0]], "b": [[0.4, 0.4, 0.2], [0.5, 0.5, 0.0]]}) == pytest.approx(0.15)
+    routing = {"a": [[0.7, 0.2, 0.1], [0.5, 0.5, 0.0]], "b": [[0.4, 0.4, 0.2], [0.5, 0.5, 0.0]]}
+    assert specialisation(routing) == pytest.approx(0.15)
     assert specialisation({"a": [[1.0]]}) is None
     runs = [{"rank": r, "trainable_parameters": {"adapter": 10 * r, "head": 3}, "train_seconds": 1.0,
              "metrics": {"test": {"average": {"accuracy": a, "macro_f1": a / 2}}}}
@@ -115,7 +116,8 @@ def test_study_chooses_rates_on_validation_and_resumes(tiny_part, tmp_path, monk
     for name, result in search.items():
         searched = {lr: json.loads((folder / f"{name}-r{result['rank']}-lr{lr:g}-s0.json").read_text())
                     for lr in tiny_part.learning_rates}
-        best = max(tiny_part.learning_rates, key=lambda lr: searched[lr]["metrics"]["validation"]["average"]["accuracy"])
+        best = max(tiny_part.learning_rates,
+                   key=lambda lr: searched[lr]["metrics"]["validation"]["average"]["accuracy"])
         assert result["chosen"] == best and result["rank"] == {"lora": 2, "lotr": 4}[name]
     lr = search["lotr"]["chosen"]
     final = json.loads((folder / f"lotr-frozen-r4-lr{lr:g}-s1.json").read_text())
@@ -211,4 +213,5 @@ def test_router_statistics_are_kept_per_layer():
             picked = torch.cat([gates[r][mask[r].bool()] for r in rows])  # the task's real tokens
             expected.append(picked.mean(0))
         torch.testing.assert_close(torch.tensor(per_layer[task]), torch.stack(expected), atol=1e-6, rtol=0)
-        torch.testing.assert_close(torch.tensor(tracker.means()[task]), torch.stack(expected).mean(0), atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.tensor(tracker.means()[task]), torch.stack(expected).mean(0), atol=1e-6,
+                                   rtol=0)

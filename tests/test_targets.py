@@ -13,9 +13,11 @@ from conftest import FAMILIES, base_model, randomise_adapters, run
 
 def test_suffix_and_regex_select_the_same_modules():
     by_suffix = rs.adapt(base_model(FAMILIES["llama"]), rs.LotrConfig(rank=2, target_modules=["q_proj"]))
-    by_regex = rs.adapt(base_model(FAMILIES["llama"]), rs.LotrConfig(rank=2, target_modules=r"model\.layers\.\d+\.self_attn\.q_proj"))
+    regex = r"model\.layers\.\d+\.self_attn\.q_proj"
+    by_regex = rs.adapt(base_model(FAMILIES["llama"]), rs.LotrConfig(rank=2, target_modules=regex))
     assert by_suffix.adapter_names == by_regex.adapter_names == [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
-    only_first = rs.adapt(base_model(FAMILIES["llama"]), rs.MorConfig(rank=2, target_modules=r"model\.layers\.0\..*_proj"))
+    first_layer = rs.MorConfig(rank=2, target_modules=r"model\.layers\.0\..*_proj")
+    only_first = rs.adapt(base_model(FAMILIES["llama"]), first_layer)
     assert len(only_first.adapter_names) == 7
 
 
@@ -61,9 +63,11 @@ def test_adapting_twice_is_refused():
 
 def test_modules_to_save_must_exist_and_not_overlap_targets():
     with pytest.raises(rs.RankshareError, match="matched no module"):
-        rs.adapt(base_model(FAMILIES["bert"]), rs.LotrConfig(rank=2, target_modules=["query"]), modules_to_save=["head"])
+        rs.adapt(base_model(FAMILIES["bert"]), rs.LotrConfig(rank=2, target_modules=["query"]),
+                 modules_to_save=["head"])
     with pytest.raises(rs.RankshareError, match="overlap"):
-        rs.adapt(base_model(FAMILIES["bert"]), rs.LotrConfig(rank=2, target_modules=["query"]), modules_to_save=["query"])
+        rs.adapt(base_model(FAMILIES["bert"]), rs.LotrConfig(rank=2, target_modules=["query"]),
+                 modules_to_save=["query"])
 
 
 def test_lotr_rank_larger_than_layer_is_refused():
@@ -92,7 +96,8 @@ def test_plain_sequential_layers_form_one_group():
         (lambda: rs.LotrConfig(rank=2, target_modules=[]), "target_modules"),
         (lambda: rs.LotrConfig(rank=2), "target_modules"),
         (lambda: rs.AdapterConfig.from_dict({"method": "dora", "rank": 2}), "Unknown adapter method 'dora'"),
-        (lambda: rs.AdapterConfig.from_dict({"method": "mor", "rank": 2, "experts": 3}), r"no field\(s\) \['experts'\]"),
+        (lambda: rs.AdapterConfig.from_dict({"method": "mor", "rank": 2, "experts": 3}),
+         r"no field\(s\) \['experts'\]"),
     ],
 )
 def test_bad_configs_are_refused(make, message):
@@ -101,7 +106,8 @@ def test_bad_configs_are_refused(make, message):
 
 
 def test_config_round_trips_through_dict():
-    config = rs.LotrConfig(rank=4, alpha=16, target_modules=["q_proj"], share="by_shape", init="tucker", freeze_factors=True)
+    config = rs.LotrConfig(rank=4, alpha=16, target_modules=["q_proj"], share="by_shape", init="tucker",
+                           freeze_factors=True)
     assert rs.AdapterConfig.from_dict(config.to_dict()) == config
     assert config.scale == 4.0
     assert rs.MorConfig(rank=4, target_modules=["q"]).scale == 1.0  # alpha defaults to rank

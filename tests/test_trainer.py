@@ -37,7 +37,8 @@ def trainer(model, output_dir, callbacks=(), eval_dataset=None, **options) -> Ad
         output_dir=str(output_dir), max_steps=STEPS, save_steps=SAVE_EVERY, per_device_train_batch_size=4,
         learning_rate=1e-2, seed=11, report_to=[], use_cpu=True, logging_strategy="no", disable_tqdm=True, **options,
     )
-    return AdapterTrainer(model=model, args=args, train_dataset=examples(), eval_dataset=eval_dataset, callbacks=list(callbacks))
+    return AdapterTrainer(model=model, args=args, train_dataset=examples(), eval_dataset=eval_dataset,
+                          callbacks=list(callbacks))
 
 
 class StopAt(TrainerCallback):
@@ -87,7 +88,8 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(method, tmp_path):
 
     # Another adapter init: only the checkpoint can bring the resumed run back on track.
     resumed = adapted_bert(method, adapter_seed=99)
-    trainer(resumed, tmp_path / "parts").train(resume_from_checkpoint=str(tmp_path / "parts" / f"checkpoint-{SAVE_EVERY}"))
+    checkpoint = tmp_path / "parts" / f"checkpoint-{SAVE_EVERY}"
+    trainer(resumed, tmp_path / "parts").train(resume_from_checkpoint=str(checkpoint))
 
     expected, found = adapter_tensors(uninterrupted), adapter_tensors(resumed)
     assert found.keys() == expected.keys()
@@ -131,4 +133,5 @@ def test_loading_another_adapters_checkpoint_is_refused_unchanged(tmp_path):
 
 def test_trainer_refuses_a_model_without_adapters(tmp_path):
     with pytest.raises(rs.RankshareError, match="AdaptedModel"):
-        AdapterTrainer(model=base_model(BERT), args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+        AdapterTrainer(model=base_model(BERT), args=args)

@@ -1,17 +1,18 @@
 """rankshare: parameter-efficient fine-tuning with shared low-rank structure (LoTR, MoR, MoE-LoRA)."""
 
-from .version import __version__
-
 from .config import AdapterConfig, ExternalAdapterConfig, methods, register
 from .errors import RankshareError
 from .layer import AdapterLayer
 from .model import AdaptedModel, adapt
+from .version import __version__
 
-# The methods register themselves in this order, the order in which rankshare.methods() lists them.
+# isort: off
+# The methods register themselves as they are imported: this order is the order rankshare.methods() lists.
 from .peft_lora import PeftLoraConfig
 from .lotr import LotrConfig, LotrGroup, LotrLayer
 from .mor import MorConfig, MorLayer
 from .moelora import MoeLoraConfig, MoeLoraLayer
+# isort: on
 
 __all__ = [
     "AdaptedModel",

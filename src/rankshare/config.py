@@ -148,7 +148,8 @@ class ExternalAdapterConfig(AdapterConfig):
         """The adapted model saved in ``directory``, on ``base_model``."""
 
     def create_adapters(self, targets):
-        raise RankshareError(f"{self.title} is built by another library; attach it with rankshare.adapt(model, config).")
+        raise RankshareError(f"{self.title} is built by another library; attach it with "
+                             "rankshare.adapt(model, config).")
 
 
 _REGISTERED: dict[str, type[AdapterConfig]] = {}

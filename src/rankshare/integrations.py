@@ -49,7 +49,8 @@ def fully_shard_adapted(model: AdaptedModel, block_types: tuple[type[nn.Module],
     from torch.distributed.fsdp import fully_shard
 
     if not isinstance(model, AdaptedModel):
-        raise RankshareError(f"fully_shard_adapted() needs an AdaptedModel (from rankshare.adapt), got {type(model).__name__}.")
+        raise RankshareError(f"fully_shard_adapted() needs an AdaptedModel (from rankshare.adapt), got "
+                             f"{type(model).__name__}.")
     blocks = [module for module in model.base_model.modules() if isinstance(module, tuple(block_types))]
     if not blocks:
         raise RankshareError(
@@ -92,7 +93,10 @@ def check_fsdp_sharding(model: AdaptedModel) -> None:
 
 
 def full_adapter_state_dict(model: AdaptedModel) -> dict[str, torch.Tensor]:
-    """``model.adapter_state_dict()`` with every FSDP-sharded tensor gathered whole (a collective: call on every rank)."""
+    """``model.adapter_state_dict()`` with every FSDP-sharded tensor gathered whole.
+
+    A collective: call it on every rank.
+    """
     from torch.distributed.tensor import DTensor
 
     return {

@@ -43,9 +43,10 @@ class LotrConfig(AdapterConfig):
     title = "LoTR"
 
     share: str = field(default="by_name", metadata={
-        "choices": ("by_name", "by_shape"), "help": "LoTR: one U, V per projection type (by_name) or per shape (by_shape)"})
-    init: str = field(default="random", metadata={"choices": ("random", "tucker"), "help": "LoTR factor init"})
-    freeze_factors: bool = field(default=False, metadata={"help": "LoTR: train the cores only"})
+        "choices": ("by_name", "by_shape"),
+        "help": "one U, V per projection type (by_name) or per shape (by_shape)"})
+    init: str = field(default="random", metadata={"choices": ("random", "tucker"), "help": "init of U and V"})
+    freeze_factors: bool = field(default=False, metadata={"help": "train the cores only"})
 
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
         """Per group of L layers: ``r (d_in + d_out) + L r²``, or ``L r²`` with frozen factors."""

@@ -27,10 +27,11 @@ class MixtureConfig(AdapterConfig):
     budget_alternatives = {"num_experts": tuple(range(2, 9))}
     layer_class: ClassVar[type[MixtureLayer]]
 
-    num_experts: int = field(default=8, metadata={"help": "experts N of the routed mixtures"})
+    num_experts: int = field(default=8, metadata={"help": "experts N the router mixes"})
 
     def create_adapters(self, targets: dict[str, nn.Module]) -> tuple[dict[str, AdapterLayer], dict[str, nn.Module]]:
-        return {name: self.layer_class(base, self.rank, self.num_experts, self.scale) for name, base in targets.items()}, {}
+        return {name: self.layer_class(base, self.rank, self.num_experts, self.scale)
+                for name, base in targets.items()}, {}
 
 
 class MixtureLayer(AdapterLayer):

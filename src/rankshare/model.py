@@ -53,7 +53,8 @@ def _find_modules_to_save(model: nn.Module, patterns: list[str], targets: dict) 
         raise RankshareError(f"modules_to_save {unmatched} matched no module; top-level modules are: {children}.")
     clash = sorted(n for n in found if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in targets))
     if clash:
-        raise RankshareError(f"modules_to_save {clash} overlap target_modules; a module is either adapted or saved whole.")
+        raise RankshareError(f"modules_to_save {clash} overlap target_modules; a module is either adapted or saved "
+                             "whole.")
     return found
 
 
@@ -113,7 +114,8 @@ class AdaptedModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         trainable = self.num_trainable_parameters()
         total = sum(p.numel() for p in self.parameters())
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # -- merging ------------------------------------------------------------------------------------------
 

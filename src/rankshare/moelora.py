@@ -31,7 +31,8 @@ class MoeLoraLayer(MixtureLayer):
 
     def __init__(self, base_layer: nn.Module, rank: int, num_experts: int, scale: float) -> None:
         super().__init__(base_layer, num_experts, scale)
-        self.lora_A = nn.Parameter(uniform_fan_in((num_experts, rank, self.in_features), self.in_features, self.factory))
+        shape_a = (num_experts, rank, self.in_features)
+        self.lora_A = nn.Parameter(uniform_fan_in(shape_a, self.in_features, self.factory))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank, **self.factory))
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:

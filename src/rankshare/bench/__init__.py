@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from ..atomic_files import replace_file
 from ..finetune.progress import progress
+from ..finetune.train import versions
 from ..lotr import LotrConfig
 from ..peft_lora import PeftLoraConfig
-from ..finetune.train import versions
-from ..atomic_files import replace_file
 from .measure import adapter_file, forward, interleaved_times, merged_inference, train_step, training_memory
 from .report import write_bench_report
 from .setups import Setup, build_variants, packaged_setup, synthetic_setup
@@ -61,8 +61,8 @@ def bench_setup(setup: Setup, repeats: int, warmup: int, full: bool, say) -> dic
     if sum(p.numel() for p in setup.model.parameters()) < 500_000_000:
         by_name = {v.name: v for v in variants}
         # Three models that differ only in their weights' values: a ratio near 1 needs more rounds to resolve.
-        result["merged_inference"] = merged_inference(setup, by_name[f"LoTR r={RANK}"],
-                                                      by_name[f"MoR N={NUM_EXPERTS} r={RANK}"], inputs, 3 * repeats, warmup)
+        lotr, mor = by_name[f"LoTR r={RANK}"], by_name[f"MoR N={NUM_EXPERTS} r={RANK}"]
+        result["merged_inference"] = merged_inference(setup, lotr, mor, inputs, 3 * repeats, warmup)
     return result
 
 

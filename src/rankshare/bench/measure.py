@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-
 from .setups import Setup, Variant, weight_sharing_copy
 
 

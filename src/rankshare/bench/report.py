@@ -46,8 +46,9 @@ def targets(bench: dict) -> list[str]:
         lotr, mor = _find(setup, f"LoTR r={setup['rank']}"), _find(setup, f"MoR N={setup['num_experts']} r=")
         naive = _find(setup, f"MoR N={setup['num_experts']} r={setup['rank']}, naive")
 
-        def check(label, value, bound):
-            lines.append(f"- {setup['name']}: {label} = {value:.3f} (target ≤ {bound}) — {'met' if value <= bound else 'MISSED'}")
+        def check(label, value, bound, name=setup["name"]):
+            verdict = "met" if value <= bound else "MISSED"
+            lines.append(f"- {name}: {label} = {value:.3f} (target ≤ {bound}) — {verdict}")
 
         check("LoTR step / PEFT LoRA step", lotr["step"]["median"] / lora["step"]["median"], 1.05)
         if setup["name"] == "minilm":
@@ -70,7 +71,8 @@ def targets(bench: dict) -> list[str]:
             if v["file"]:
                 bound = 1.05 * v["file"]["parameter_bytes"] + 16 * 1024
                 if v["file"]["bytes"] > bound:
-                    lines.append(f"- {setup['name']}: {v['name']} file {v['file']['bytes']:,} B > bound {bound:,.0f} B — MISSED")
+                    lines.append(f"- {setup['name']}: {v['name']} file {v['file']['bytes']:,} B > bound "
+                                 f"{bound:,.0f} B — MISSED")
     return lines
 
 
@@ -84,9 +86,11 @@ def markdown(bench: dict) -> str:
     machine, versions = bench["machine"], bench["versions"]
     parts = [
         "# rankshare benchmark",
-        f"Mode {bench['mode']}; {machine['processor']}, {machine['cpus']} CPUs, {machine['torch_threads']} torch threads, "
+        f"Mode {bench['mode']}; {machine['processor']}, {machine['cpus']} CPUs, "
+        f"{machine['torch_threads']} torch threads, "
         f"device {machine['device']}; torch {versions['torch']}, transformers {versions['transformers']}, peft "
-        f"{versions['peft']}. Medians of {bench['repeats']} interleaved repeats after {bench['warmup']} warm-up rounds; "
+        f"{versions['peft']}. Medians of {bench['repeats']} interleaved repeats after {bench['warmup']} "
+        "warm-up rounds; "
         f"wall time {bench['wall_seconds'] / 60:.1f} min.",
         "Train step = forward + backward + AdamW step (batch of random tokens, cross-entropy on a 4-class head). "
         "The limit is the frozen model with gradients flowing back to the input embeddings and no weight gradients. "
@@ -101,16 +105,20 @@ def markdown(bench: dict) -> str:
             rows = ["| inference | median | × base | min | × base |", "| --- | ---: | ---: | ---: | ---: |"]
             base = merged["times"]["base"]
             rows += [f"| {name} | {1000 * t['median']:.1f} ms | {t['median'] / base['median']:.3f}× | "
-                     f"{1000 * t['min']:.1f} ms | {t['min'] / base['min']:.3f}× |" for name, t in merged["times"].items()]
+                     f"{1000 * t['min']:.1f} ms | {t['min'] / base['min']:.3f}× |"
+                     for name, t in merged["times"].items()]
             parts.append("\n".join(rows))
-    parts += ["## Trainable parameters as d and L grow (q and v projections, r = 8)", scaling_table(bench["parameter_scaling"]),
-              "![step time against the limit](bench_step_ratios.png)", "![parameters against depth](bench_parameters.png)"]
+    parts += ["## Trainable parameters as d and L grow (q and v projections, r = 8)",
+              scaling_table(bench["parameter_scaling"]),
+              "![step time against the limit](bench_step_ratios.png)",
+              "![parameters against depth](bench_parameters.png)"]
     return "\n\n".join(parts) + "\n"
 
 
 def write_bench_report(out: Path, bench: dict) -> None:
     replace_file(out / "bench.md", markdown(bench).encode("utf-8"))
-    for name, figure in (("bench_step_ratios.png", _plot_step_ratios(bench)), ("bench_parameters.png", _plot_parameters(bench))):
+    figures = (("bench_step_ratios.png", _plot_step_ratios(bench)), ("bench_parameters.png", _plot_parameters(bench)))
+    for name, figure in figures:
         png = io.BytesIO()
         figure.savefig(png, format="png", dpi=120)
         replace_file(out / name, png.getvalue())
@@ -132,7 +140,8 @@ def _plot_step_ratios(bench: dict):
         values = [(_find(setup, n) or {"step": {"median": float("nan")}})["step"]["median"] / limit for n in names]
         axes.bar([k + i * width for k in range(len(names))], values, width, label=setup["name"])
     axes.axhline(1.0, color="0.3", linestyle="--", linewidth=1, label="limit")
-    axes.set_xticks([k + width * (len(bench["setups"]) - 1) / 2 for k in range(len(names))], names, rotation=20, ha="right")
+    centres = [k + width * (len(bench["setups"]) - 1) / 2 for k in range(len(names))]
+    axes.set_xticks(centres, names, rotation=20, ha="right")
     axes.set_ylabel("train step / limit (median)")
     axes.set_title("Training step time relative to the frozen model's backward to the inputs")
     axes.legend(fontsize=8)

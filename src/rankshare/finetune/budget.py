@@ -12,8 +12,9 @@ fit is left out, and its note names the nearest budget it could meet.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from ..config import AdapterConfig
 from ..errors import RankshareError
@@ -103,7 +104,8 @@ def plan_rank(config: AdapterConfig, shapes: dict[str, tuple[int, int]], budget:
         return Plan(method, rank, candidate.option_values(), parameters, budget, note)
     tried = f", nor with any of {_alternatives(config)}" if len(candidates) > 1 else ""
     nearest = nearest_budget(candidates, shapes, budget)
-    note = f"left out: no rank fits {WINDOW} of {budget:,} ({closest}){tried}; the nearest budget it can meet is {nearest:,}"
+    note = (f"left out: no rank fits {WINDOW} of {budget:,} ({closest}){tried}; the nearest budget it can meet is "
+            f"{nearest:,}")
     return Plan(method, None, config.option_values(), None, budget, note, nearest)
 
 

@@ -26,7 +26,7 @@ import random
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -127,7 +127,7 @@ def _resolve(spec: str, text_column: str, label_column: str, seed: int) -> dict[
 # --- built-in corpora ---------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _builtin(name: str) -> Task:
     rows = _news_rows() if name == "news" else _sentiment_rows()
     return _make_task(name, rows)

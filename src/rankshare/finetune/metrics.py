@@ -9,7 +9,7 @@ never occurs says nothing about the classifier.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

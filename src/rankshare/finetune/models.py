@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +59,8 @@ def resolve_model(spec: str) -> ModelSource:
             raise RankshareError(f"--model {spec}: the folder has no config.json; give a transformers model folder.")
         return ModelSource(spec, spec)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise RankshareError(f"--model {spec}: no such folder. Give an existing model folder, a hub id, or minilm/smollm2.")
+        raise RankshareError(f"--model {spec}: no such folder. Give an existing model folder, a hub id, or "
+                             "minilm/smollm2.")
     return ModelSource(spec, spec)  # a hub id: transformers fetches it where there is internet
 
 
@@ -117,13 +120,16 @@ def _load(auto_class, source: ModelSource, **kwargs) -> nn.Module:
 
 def _quietly(load, *args, **kwargs):
     # transformers reports newly initialised heads and GGUF conversion progress; a fine-tune expects both.
+    # Its GGUF converter draws a bar of its own that no logging switch reaches (and that would write carriage
+    # returns into a log file): that bar goes to a buffer. Errors still arrive as exceptions.
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return load(*args, **kwargs)
+        with contextlib.redirect_stderr(io.StringIO()):
+            return load(*args, **kwargs)
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()

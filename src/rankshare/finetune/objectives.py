@@ -76,7 +76,8 @@ class Objective:
             for task in tally["labels"]:
                 labels[task] += tally["labels"][task]
                 predictions[task] += tally["predictions"][task]
-        result = {t: classification_metrics(labels[t], predictions[t], len(self.tasks[t])) for t in self.tasks if labels[t]}
+        result = {t: classification_metrics(labels[t], predictions[t], len(self.tasks[t]))
+                  for t in self.tasks if labels[t]}
         scored = list(result.values())
         result["average"] = {
             "accuracy": sum(m["accuracy"] for m in scored) / len(scored),
@@ -110,7 +111,8 @@ class SequenceClassification(Objective):
 
     def batch(self, examples, device) -> Batch:
         rows = self.encode([e.text for e in examples], self.max_length)
-        inputs = {"input_ids": _pad(rows, self.tokenizer.pad_token_id).to(device), "attention_mask": _attention_mask(rows).to(device)}
+        inputs = {"input_ids": _pad(rows, self.tokenizer.pad_token_id).to(device),
+                  "attention_mask": _attention_mask(rows).to(device)}
         return Batch(inputs, examples)
 
     def _task_logits(self, model, batch: Batch) -> torch.Tensor:
@@ -118,7 +120,8 @@ class SequenceClassification(Objective):
         return logits.masked_fill(~self._task_mask(batch.examples, logits.device), -torch.inf)
 
     def loss(self, model, batch) -> torch.Tensor:
-        targets = torch.tensor([self.offsets[e.task] + e.label for e in batch.examples], device=batch.inputs["input_ids"].device)
+        targets = torch.tensor([self.offsets[e.task] + e.label for e in batch.examples],
+                               device=batch.inputs["input_ids"].device)
         return F.cross_entropy(self._task_logits(model, batch), targets)
 
     @torch.no_grad()
@@ -182,9 +185,11 @@ class TextToLabel(Objective):
         scores = torch.empty(len(pairs))
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
-            inputs = self._sequences([prompts[i] for i, _ in chunk], [self.answers[examples[i].task][k] for i, k in chunk], device)
+            answers = [self.answers[examples[i].task][k] for i, k in chunk]
+            inputs = self._sequences([prompts[i] for i, _ in chunk], answers, device)
             chunk_examples = [examples[i] for i, _ in chunk]
-            scores[start : start + len(chunk)] = self._token_log_likelihoods(model, inputs, chunk_examples).sum(-1).cpu()
+            log_likelihoods = self._token_log_likelihoods(model, inputs, chunk_examples)
+            scores[start : start + len(chunk)] = log_likelihoods.sum(-1).cpu()
             if progress:
                 progress(len({i for i, _ in chunk}))
         best: dict[int, tuple[float, int]] = {}
@@ -203,7 +208,8 @@ class LanguageModelling(Objective):
         rows = self.encode([e.text for e in examples], self.max_length)
         ids = _pad(rows, self.tokenizer.pad_token_id)
         mask = _attention_mask(rows)
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": ids.masked_fill(mask == 0, IGNORE).to(device)}
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                  "labels": ids.masked_fill(mask == 0, IGNORE).to(device)}
         return Batch(inputs, examples)
 
     def loss(self, model, batch) -> torch.Tensor:
@@ -229,11 +235,14 @@ class LanguageModelling(Objective):
             for task in tally["nll"]:
                 nll[task] += tally["nll"][task]
                 tokens[task] += tally["tokens"][task]
-        result = {t: {"perplexity": math.exp(nll[t] / tokens[t]), "loss": nll[t] / tokens[t], "tokens": tokens[t]} for t in nll}
+        result = {t: {"perplexity": math.exp(nll[t] / tokens[t]), "loss": nll[t] / tokens[t], "tokens": tokens[t]}
+                  for t in nll}
         all_nll, all_tokens = sum(nll.values()), sum(tokens.values())
-        result["average"] = {"perplexity": math.exp(all_nll / all_tokens), "loss": all_nll / all_tokens, "tokens": all_tokens}
+        result["average"] = {"perplexity": math.exp(all_nll / all_tokens), "loss": all_nll / all_tokens,
+                             "tokens": all_tokens}
         return result
 
 
 def make_objective(kind: str, tokenizer, tasks, max_length) -> Objective:
-    return {"classify": SequenceClassification, "text_to_label": TextToLabel, "lm": LanguageModelling}[kind](tokenizer, tasks, max_length)
+    kinds = {"classify": SequenceClassification, "text_to_label": TextToLabel, "lm": LanguageModelling}
+    return kinds[kind](tokenizer, tasks, max_length)

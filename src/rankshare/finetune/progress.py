@@ -19,7 +19,8 @@ def progress(total: int, desc: str, unit: str, disable: bool = False, initial: i
     """A tqdm bar on a terminal, a ``LineProgress`` elsewhere; with ``disable`` nothing is written."""
     stream = stream or sys.stderr
     if disable or stream.isatty():
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, file=stream)
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
+                    file=stream)
     return LineProgress(total, desc, unit, initial, stream)
 
 
@@ -37,9 +38,8 @@ class LineProgress:
 
     def update(self, count: int = 1) -> None:
         self.done += count
-        tenth = max(1, self.total // 10) if self.total else 1
-        next_tenth = (self.shown // tenth + 1) * tenth
-        if self.done >= next_tenth or time.monotonic() - self.last_line >= LINE_SECONDS:
+        whole = self.total or 1
+        if 10 * self.done // whole > 10 * self.shown // whole or time.monotonic() - self.last_line >= LINE_SECONDS:
             self._line()
 
     def close(self) -> None:

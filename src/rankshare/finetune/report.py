@@ -21,9 +21,9 @@ import json
 import math
 from pathlib import Path
 
+from ..atomic_files import replace_file
 from ..config import methods
 from ..errors import RankshareError
-from ..atomic_files import replace_file
 
 REPORT_NAME = "report.md"
 PARAMETERS_PLOT_NAME = "accuracy_vs_params.png"

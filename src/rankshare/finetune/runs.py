@@ -25,8 +25,16 @@ from ..targets import target_shapes
 from . import distributed
 from .budget import plan_all
 from .data import DataSplits, load_data
-from .models import (ModelSource, default_targets, head_modules, load_causal_lm, load_classifier, load_tokenizer,
-                     model_skeleton, resolve_model)
+from .models import (
+    ModelSource,
+    default_targets,
+    head_modules,
+    load_causal_lm,
+    load_classifier,
+    load_tokenizer,
+    model_skeleton,
+    resolve_model,
+)
 from .objectives import make_objective
 from .report import write_report
 from .train import Settings, attach_adapter, evaluate, parameter_counts, peak_memory_mb, train, versions
@@ -62,7 +70,8 @@ def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise RankshareError(f"--out {out} is a file; choose a folder.")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RankshareError(f"--out {out} already holds results; choose another folder, add --overwrite, or --resume it.")
+        raise RankshareError(f"--out {out} already holds results; choose another folder, add --overwrite, or "
+                             "--resume it.")
 
 
 def pick_device(name: str) -> torch.device:
@@ -89,7 +98,8 @@ def objective_kind(job: Job, source: ModelSource) -> str:
     try:
         architectures = AutoConfig.from_pretrained(source.path).architectures or []
     except (OSError, ValueError) as error:
-        raise RankshareError(f"--model {source.spec}: could not read its config ({str(error).splitlines()[0]}).") from None
+        first_line = str(error).splitlines()[0]
+        raise RankshareError(f"--model {source.spec}: could not read its config ({first_line}).") from None
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     return "text_to_label" if causal else "classify"
 
@@ -109,7 +119,8 @@ class Workspace:
         self.device = pick_device(job.device)
         distributed.start(self.device)
         seed = job.settings.get("seed", 0)
-        self.splits: DataSplits = load_data(job.data, seed=seed, text_column=job.text_column, label_column=job.label_column,
+        self.splits: DataSplits = load_data(job.data, seed=seed, text_column=job.text_column,
+                                            label_column=job.label_column,
                                             max_train=job.max_train, max_eval=job.max_eval)
         self.source = resolve_model(job.model)
         self.kind = objective_kind(job, self.source)
@@ -186,7 +197,8 @@ def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | No
         "trainable_parameters": parameter_counts(model, heads),
         **evaluation,
         **timing,
-        "examples": {"train": len(space.splits.train), "validation": len(space.splits.validation), "test": len(space.splits.test)},
+        "examples": {"train": len(space.splits.train), "validation": len(space.splits.validation),
+                     "test": len(space.splits.test)},
         "peak_memory_mb": peak_memory_mb(space.device),
         "device": str(space.device),
         "seed": settings.seed,
@@ -259,7 +271,8 @@ def load_run(directory: Path) -> tuple[dict, Path]:
     if (directory / "command.json").is_file():
         methods = sorted(p.name for p in directory.iterdir() if (p / "run.json").is_file())
         raise RankshareError(f"{directory} holds a comparison; point --adapter at one method's folder: {methods}.")
-    raise RankshareError(f"{directory} is not a rankshare run folder (no run.json and adapter/); give the --out of a train run.")
+    raise RankshareError(f"{directory} is not a rankshare run folder (no run.json and adapter/); give the --out of "
+                         "a train run.")
 
 
 def load_trained(directory: Path, device: str = "auto"):

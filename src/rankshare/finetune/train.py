@@ -20,10 +20,10 @@ from torch import nn
 
 import rankshare as rs
 
+from ..atomic_files import replace_file
 from ..config import AdapterConfig
 from ..errors import RankshareError
 from ..mixture import MixtureLayer
-from ..atomic_files import replace_file
 from . import distributed
 from .data import DataSplits, Example
 from .objectives import Objective
@@ -72,7 +72,8 @@ def attach_adapter(model: nn.Module, settings: Settings, heads: list[str]) -> nn
 def parameter_counts(model: nn.Module, heads: list[str]) -> dict[str, int]:
     """Trainable parameters of the adapter and of the head, apart."""
     trainable = {id(p): p for p in model.parameters() if p.requires_grad}
-    head_ids = {id(p) for name, module in model.named_modules() if name.split(".")[-1] in heads for p in module.parameters()}
+    head_ids = {id(p) for name, module in model.named_modules() if name.split(".")[-1] in heads
+                for p in module.parameters()}
     head = sum(p.numel() for i, p in trainable.items() if i in head_ids)
     return {"adapter": sum(p.numel() for p in trainable.values()) - head, "head": head}
 
@@ -81,8 +82,10 @@ def batch_order(num_examples: int, settings: Settings) -> list[list[int]]:
     """Every step's example indices: a fresh seeded permutation per epoch, cut at max_steps."""
     steps = []
     for epoch in range(settings.epochs):
-        permutation = torch.randperm(num_examples, generator=torch.Generator().manual_seed(settings.seed * 10_007 + epoch))
-        steps += [permutation[i : i + settings.batch_size].tolist() for i in range(0, num_examples, settings.batch_size)]
+        generator = torch.Generator().manual_seed(settings.seed * 10_007 + epoch)
+        permutation = torch.randperm(num_examples, generator=generator)
+        size = settings.batch_size
+        steps += [permutation[i : i + size].tolist() for i in range(0, num_examples, size)]
     # Under a launcher every process needs a share of every batch: a last batch too small to share is dropped.
     steps = [step for step in steps if len(step) >= distributed.size()]
     return steps[: settings.max_steps] if settings.max_steps else steps

@@ -15,9 +15,9 @@ import math
 import statistics
 from pathlib import Path
 
+from ..atomic_files import replace_file
 from ..config import methods
 from ..finetune.report import compact, new_figure, router_figure
-from ..atomic_files import replace_file
 from .plan import Part, Variant
 from .runner import PLAN_FILE, SEARCH_FILE
 
@@ -204,7 +204,8 @@ def mor_router_figure(part: Part, runs: dict[str, list[dict]]):
     if not chosen:
         return None
     figure = router_figure(chosen)
-    figure.suptitle(f"Mean gate per expert and task, averaged over layers, N={largest}, seed {min(part.seeds)}, test split")
+    figure.suptitle(f"Mean gate per expert and task, averaged over layers, N={largest}, seed {min(part.seeds)}, "
+                    "test split")
     return figure
 
 
@@ -216,7 +217,8 @@ def routing_figure(part: Part, runs: dict[str, list[dict]]):
     axes = figure.add_subplot()
     drawn = False
     for colour, variant in enumerate(v for v in part.variants if v.options.get("num_experts") == largest):
-        for key, style, when in (("router_layers", "-", "trained"), ("router_layers_at_init", ":", "at initialisation")):
+        lines = (("router_layers", "-", "trained"), ("router_layers_at_init", ":", "at initialisation"))
+        for key, style, when in lines:
             curves = [d for r in runs[variant.name] if r.get(key) for d in [layer_distances(r[key])] if d]
             if not curves:
                 continue
@@ -238,10 +240,11 @@ def merge_rows(part: Part, runs: dict[str, list[dict]]) -> list[str] | None:
     merged = [r for group in runs.values() for r in group if r.get("merged")]
     if not merged:
         return None
-    accuracy = max(abs(r["merged"]["metrics"]["test"]["average"]["accuracy"] - r["metrics"]["test"]["average"]["accuracy"])
-                   for r in merged)
-    same = sum(r["merged"]["metrics"]["test"]["average"]["accuracy"] == r["metrics"]["test"]["average"]["accuracy"]
-               for r in merged)
+    def average(record: dict) -> float:
+        return record["metrics"]["test"]["average"]["accuracy"]
+
+    accuracy = max(abs(average(r["merged"]) - average(r)) for r in merged)
+    same = sum(average(r["merged"]) == average(r) for r in merged)
     output = max(r["merged"]["max_abs_output_difference"] for r in merged)
     scale = max(r["merged"]["output_scale"] for r in merged)
     return [part.name, str(len(merged)), f"{same} of {len(merged)}", f"{100 * accuracy:.2f}", f"{output:.1e}",
@@ -290,7 +293,8 @@ def write_summary(out: Path) -> Path:
                         + "".join(f"![{name}]({name})\n" for name in images))
         searches += search_rows(part, search)
         merges.append(merge_rows(part, runs))
-        times.append([part.name, str(len(records)), f"{(sum(r['wall_seconds'] for r in records) + search['load_seconds']) / 60:.1f}"])
+        minutes = (sum(r["wall_seconds"] for r in records) + search["load_seconds"]) / 60
+        times.append([part.name, str(len(records)), f"{minutes:.1f}"])
     text = "# Study results\n\nTest accuracy, mean ± std over seeds, at each variant's chosen learning rate.\n\n"
     text += "\n".join(sections)
     text += "\n## Learning rates (validation accuracy %, seed 0)\n\n"

@@ -167,7 +167,8 @@ def initial_routing(space: Workspace, settings: Settings) -> dict:
     """Per-layer routing on the test split of the same adapter before its first step: how differently an
     untrained router already treats the tasks, the baseline for what training adds."""
     model = attach_adapter(space.fresh_base(), settings, []).to(space.device)
-    return evaluate(model, space.objective, space.splits, settings.batch_size, space.device, True, ("test",))["router_layers"]
+    evaluation = evaluate(model, space.objective, space.splits, settings.batch_size, space.device, True, ("test",))
+    return evaluation["router_layers"]
 
 
 @torch.no_grad()

@@ -1,0 +1,151 @@
+"""A method defined in this file alone — plain LoRA on rankshare's own AdapterLayer — is registered, planned
+at a budget, trained by ``rankshare train``, saved, loaded, evaluated and merged: no other file knows it.
+
+Also: methods that another installed package declares under the entry-point group ``rankshare.methods``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+
+import rankshare as rs
+from rankshare.config import unregister
+from test_cli import cli, common, topics_csv  # noqa: F401 (a fixture)
+
+
+class PlainLoraLayer(rs.AdapterLayer):
+    """ΔW = s · B A; A (r, d_in) uniform or normal, B (d_out, r) zero."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, scale: float, a_init: str) -> None:
+        super().__init__(base_layer, scale)
+        a = torch.empty(rank, self.in_features, **self.factory)
+        if a_init == "normal":
+            nn.init.normal_(a, std=1 / math.sqrt(self.in_features))
+        else:
+            nn.init.uniform_(a, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **self.factory))
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ (self.scale * self.lora_A).T) @ self.lora_B.T
+
+    def delta_weight(self, gates=None) -> torch.Tensor:
+        return self.scale * self.lora_B @ self.lora_A
+
+
+@dataclass
+class PlainLoraConfig(rs.AdapterConfig):
+    method = "plainlora"
+    title = "plain LoRA"
+    learning_rate = 2e-2
+
+    a_init: str = field(default="uniform", metadata={"choices": ("uniform", "normal"), "help": "init of A"})
+
+    def create_adapters(self, targets):
+        return {name: PlainLoraLayer(base, self.rank, self.scale, self.a_init) for name, base in targets.items()}, {}
+
+    def num_trainable_parameters(self, shapes):
+        return sum(self.rank * (d_in + d_out) for d_out, d_in in shapes.values())
+
+
+@pytest.fixture
+def plain_lora():
+    rs.register(PlainLoraConfig)
+    yield PlainLoraConfig
+    unregister("plainlora")
+
+
+def test_a_method_from_one_file_goes_through_every_stage(plain_lora, tiny_bert, topics_csv, tmp_path, capsys):  # noqa: F811
+    assert rs.methods()["plainlora"] is PlainLoraConfig
+    # Planned: 4 targets of 32 × 32 (2 layers, query and value) at 256 per rank: 800 is rank 3 (768, −4.0 %).
+    assert cli("compare", "--dry-run", "--methods", "plainlora,lotr", "--budget", 800, "--model", tiny_bert) == 0
+    printed = capsys.readouterr().out
+    assert "plainlora: rank 3 gives 768 (−4.0 % of budget)" in printed and "lotr: rank" in printed
+
+    out = tmp_path / "run"
+    assert cli("train", "--method", "plainlora", "--a-init", "normal", "--budget", 800, "--max-steps", 6,
+               *common(tiny_bert, topics_csv), "--out", out) == 0
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["method"] == "plainlora" and record["rank"] == 3
+    assert record["trainable_parameters"]["adapter"] == 768
+    assert record["config"]["adapter"]["a_init"] == "normal"
+    assert record["config"]["learning_rate"] == 2e-2  # the method's own default rate
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["config"] == {"method": "plainlora", "rank": 3, "target_modules": ["query", "value"], "alpha": 3.0,
+                               "a_init": "normal"}
+
+    capsys.readouterr()
+    assert cli("eval", "--adapter", out, "--quiet") == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["test"] == record["metrics"]["test"]
+
+    assert cli("merge", "--adapter", out, "--out", tmp_path / "refused", "--gates", "0.5,0.5") == 2
+    assert "merges without it" in capsys.readouterr().err
+    merged = tmp_path / "merged"
+    assert cli("merge", "--adapter", out, "--out", merged) == 0
+    from rankshare.finetune.runs import load_trained
+
+    adapted, *_ = load_trained(out, "cpu")
+    layers = adapted.adapter_layers()
+    assert len(layers) == 4 and all(isinstance(layer, PlainLoraLayer) for layer in layers.values())
+    assert any(layer.lora_B.abs().sum() > 0 for layer in layers.values())  # trained away from ΔW = 0
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    ids = torch.randint(0, 30000, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_option_of_no_chosen_method_is_refused(plain_lora, tiny_bert, capsys):
+    assert cli("train", "--method", "lotr", "--a-init", "normal", "--dry-run", "--model", tiny_bert) == 2
+    assert "--a-init is an option of plainlora, not of lotr" in capsys.readouterr().err
+
+
+def test_entry_point_methods_are_found(tmp_path, monkeypatch):
+    """A package that declares ``[rankshare.methods] plainlora2 = module:Class`` shows up in rankshare.methods()."""
+    (tmp_path / "third_party_method.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from test_new_method import PlainLoraConfig\n\n"
+        "@dataclass\n"
+        "class OtherLora(PlainLoraConfig):\n"
+        "    method = 'plainlora2'\n"
+    )
+    info = tmp_path / "third_party_method-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: third-party-method\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[rankshare.methods]\nplainlora2 = third_party_method:OtherLora\n"
+                                           "broken = third_party_method:Missing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.warns(UserWarning, match="'broken'.*could not be loaded"):
+            found = rs.methods()
+        assert found["plainlora2"].__name__ == "OtherLora" and "broken" not in found
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the broken one again
+            config = rs.AdapterConfig.from_dict({"method": "plainlora2", "rank": 2, "target_modules": ["x"]})
+        assert type(config).__name__ == "OtherLora"
+    finally:
+        unregister("plainlora2")
+        sys.modules.pop("third_party_method", None)
+
+
+def test_a_method_must_implement_the_interface():
+    @dataclass
+    class Incomplete(rs.AdapterConfig):
+        method = "incomplete"
+
+        def create_adapters(self, targets):
+            return {}, {}
+
+    with pytest.raises(rs.RankshareError, match="does not implement num_trainable_parameters"):
+        rs.register(Incomplete)
+    with pytest.raises(rs.RankshareError, match="already registered"):
+        rs.register(type("LotrConfig2", (rs.LotrConfig,), {"method": "lotr"}))
+    assert "incomplete" not in rs.methods()

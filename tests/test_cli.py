@@ -265,3 +265,17 @@ def test_too_short_max_length_for_text_to_label_is_one_line(tiny_llama, topics_c
     assert cli("train", *args, "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--max-length" in err and "or more" in err
+
+
+@pytest.mark.parametrize("budget", [50_000, 150_000, 400_000])
+def test_dry_run_plans_the_defaults_fairly(budget, capsys):
+    """On the demo's defaults every method lands within −10 %/+5 % of the budget, or is left out with its reason."""
+    assert cli("compare", "--dry-run", "--budget", budget) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["lora", "lotr", "mor", "moelora"]
+    for line in lines:
+        if "left out" in line:
+            assert "the nearest budget it can meet is" in line
+            continue
+        count = int(line.split(" gives ")[1].split(" ")[0].replace(",", ""))
+        assert 0.9 * budget <= count <= 1.05 * budget, line

@@ -279,3 +279,15 @@ def test_dry_run_plans_the_defaults_fairly(budget, capsys):
             continue
         count = int(line.split(" gives ")[1].split(" ")[0].replace(",", ""))
         assert 0.9 * budget <= count <= 1.05 * budget, line
+
+
+def test_a_run_folder_of_an_earlier_version_is_one_line(tiny_bert, topics_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("train", "--method", "lotr", "--rank", 2, "--max-steps", 1, *common(tiny_bert, topics_csv),
+               "--out", out) == 0
+    run = json.loads((out / "run.json").read_text())
+    run["settings"] = {"method": "lotr", "rank": 2, "seed": 0, "batch_size": 8}  # the flat settings of before
+    (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert cli("eval", "--adapter", out, "--quiet") == 2
+    assert "written by an earlier rankshare" in capsys.readouterr().err

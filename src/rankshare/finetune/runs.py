@@ -267,7 +267,11 @@ def load_run(directory: Path) -> tuple[dict, Path]:
     """A run's record and folder: ``directory`` may be the run folder or its adapter folder."""
     for folder in (directory, directory.parent):
         if (folder / "run.json").is_file() and (folder / "adapter").is_dir():
-            return json.loads((folder / "run.json").read_text()), folder
+            run = json.loads((folder / "run.json").read_text())
+            if not isinstance(run.get("settings", {}).get("adapter"), dict):
+                raise RankshareError(f"{folder}/run.json was written by an earlier rankshare, which recorded no "
+                                     "adapter config in its settings; train the run again with this version.")
+            return run, folder
     if (directory / "command.json").is_file():
         methods = sorted(p.name for p in directory.iterdir() if (p / "run.json").is_file())
         raise RankshareError(f"{directory} holds a comparison; point --adapter at one method's folder: {methods}.")

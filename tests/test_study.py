@@ -103,8 +103,8 @@ def tiny_part(tiny_bert, tmp_path_factory) -> Part:
                 Variant("lotr", "LoTR", "lotr", (2, 4), search_rank=4),
                 Variant("lotr-frozen", "LoTR frozen", "lotr", (4,), lr_from="lotr",
                         options={"init": "tucker", "freeze_factors": True})]
-    return Part("tiny", "lotr", str(tiny_bert), str(data), max_train=32, max_eval=12, max_length=16, batch_size=8,
-                learning_rates=(1e-3, 3e-2), seeds=(0, 1), variants=variants, merge_seeds=(1,))
+    return Part("tiny", "parameter-efficiency", str(tiny_bert), str(data), max_train=32, max_eval=12, max_length=16,
+                batch_size=8, learning_rates=(1e-3, 3e-2), seeds=(0, 1), variants=variants, merge_seeds=(1,))
 
 
 def test_study_chooses_rates_on_validation_and_resumes(tiny_part, tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ class Variant:
 @dataclass
 class Part:
     name: str
-    claim: str  # "lotr" (parameter efficiency) or "mor" (multi-task at a matched budget)
+    claim: str  # "parameter-efficiency" (LoTR's claim) or "multi-task" (MoR's, at a matched budget)
     model: str
     data: str
     max_train: int
@@ -85,17 +85,18 @@ def full_plan() -> list[Part]:
     minilm = {"model": "minilm", "max_train": 960, "max_length": 48, "batch_size": 16,
               "learning_rates": MINILM_RATES, "seeds": SEEDS}
     return [
-        Part("lotr-minilm-news", "lotr", data="news", max_eval=200, variants=MINILM_LOTR, merge_seeds=SEEDS, **minilm),
-        Part("lotr-minilm-sentiment", "lotr", data="sentiment", max_eval=500, variants=MINILM_LOTR,
+        Part("lotr-minilm-news", "parameter-efficiency", data="news", max_eval=200, variants=MINILM_LOTR,
              merge_seeds=SEEDS, **minilm),
-        Part("mor-minilm-news+sentiment", "mor", data="news+sentiment", max_eval=200,
+        Part("lotr-minilm-sentiment", "parameter-efficiency", data="sentiment", max_eval=500, variants=MINILM_LOTR,
+             merge_seeds=SEEDS, **minilm),
+        Part("mor-minilm-news+sentiment", "multi-task", data="news+sentiment", max_eval=200,
              variants=mixture_variants(MIXTURE_BUDGET, (2, 4, 8), search_experts=4), **minilm),
-        Part("lotr-smollm2-sentiment", "lotr", model="smollm2", data="sentiment", max_train=384, max_eval=150,
-             max_length=48, batch_size=8, learning_rates=(1e-3, 3e-3, 1e-2), seeds=SEEDS, variants=SMOLLM2_LOTR,
-             merge_seeds=(0,)),
+        Part("lotr-smollm2-sentiment", "parameter-efficiency", model="smollm2", data="sentiment", max_train=384,
+             max_eval=150, max_length=48, batch_size=8, learning_rates=(1e-3, 3e-3, 1e-2), seeds=SEEDS,
+             variants=SMOLLM2_LOTR, merge_seeds=(0,)),
         # Added after the first full run: with trainable U and V, 3 of 9 runs at ranks >= 32 on sentiment fell to
         # the majority class at the rate chosen at the middle rank (1e-2). The same runs at 3e-3:
-        Part("lotr-minilm-sentiment-lower-rate", "lotr", data="sentiment", max_eval=500, merge_seeds=(),
+        Part("lotr-minilm-sentiment-lower-rate", "parameter-efficiency", data="sentiment", max_eval=500, merge_seeds=(),
              variants=[Variant("lotr", "LoTR, U and V per projection", "lotr", (64,), options={"share": "by_name"}),
                        Variant("lotr-by-shape", "LoTR, U and V per shape", "lotr", (32, 96), search_rank=32,
                                options={"share": "by_shape"})],
@@ -108,7 +109,7 @@ def quick_plan() -> list[Part]:
     parts = []
     for part in full_plan():
         variants = [Variant(**{**asdict(v), "ranks": v.ranks[:1], "search_rank": None}) for v in part.variants]
-        if part.claim == "mor":  # the smallest and largest mixtures, each choosing its own rate
+        if part.claim == "multi-task":  # the smallest and largest mixtures, each choosing its own rate
             variants = [Variant(**{**asdict(v), "lr_from": None}) for v in variants if not v.name.endswith("-n4")]
         small = part.model == "smollm2"
         parts.append(Part(part.name, part.claim, part.model, part.data, max_train=16 if small else 64,

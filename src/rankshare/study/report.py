@@ -273,7 +273,7 @@ def write_summary(out: Path) -> Path:
         search, records = json.loads(search_path.read_text()), part_records(out, part)
         runs = final_runs(part, search, records)
         images = {}
-        if part.claim == "lotr":
+        if part.claim == "parameter-efficiency":
             table, images[f"{part.name}.png"] = lotr_section(part, runs)
         else:
             table, images[f"{part.name}.png"], router, routing = mor_section(part, runs)

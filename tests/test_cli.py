@@ -159,6 +159,9 @@ BAD_INPUTS = [
     (["train", "--method", "dora"], "invalid choice"),
     (["train", "--rank", "0"], "must be >= 1"),
     (["compare", "--budget", "3"], "No method fits a budget of 3"),
+    (["train", "--target-modules", "q[", "--dry-run"], "not a valid regular expression"),
+    (["train", "--method", "lotr", "--num-experts", "4", "--dry-run"], "--num-experts is an option of mor, moelora"),
+    (["train", "--method", "mor", "--num-experts", "0", "--dry-run"], "must be >= 1"),
 ]
 
 
@@ -291,3 +294,15 @@ def test_a_run_folder_of_an_earlier_version_is_one_line(tiny_bert, topics_csv, t
     capsys.readouterr()
     assert cli("eval", "--adapter", out, "--quiet") == 2
     assert "written by an earlier rankshare" in capsys.readouterr().err
+
+
+def test_resume_of_an_earlier_versions_command_is_one_line(tmp_path, capsys):
+    """Before the registry, command.json kept the methods' options among the schedule's settings."""
+    (tmp_path / "old").mkdir()
+    old = {"methods": ["mor"], "settings": {"num_experts": 4, "share": "by_name", "seed": 0, "lr": None}}
+    (tmp_path / "old" / "command.json").write_text(json.dumps(old))
+    assert cli("train", "--resume", tmp_path / "old") == 2
+    err = capsys.readouterr().err
+    assert "is not one this version wrote" in err and len(err.strip().splitlines()) == 1
+    assert cli("train", "--resume", tmp_path / "old", "--dry-run") == 2
+    assert "--dry-run plans a new run" in capsys.readouterr().err

@@ -149,3 +149,29 @@ def test_a_method_must_implement_the_interface():
     with pytest.raises(rs.RankshareError, match="already registered"):
         rs.register(type("LotrConfig2", (rs.LotrConfig,), {"method": "lotr"}))
     assert "incomplete" not in rs.methods()
+
+
+def test_option_types_reach_the_command_line(recwarn):
+    """Floats parse as floats, integers honour their "min", booleans can be switched both ways; an option that
+    clashes with one of rankshare's own is left off the command line with a warning, not a traceback."""
+    from rankshare.cli import build_parser
+
+    @dataclass
+    class Options(PlainLoraConfig):
+        method = "plainlora-options"
+        dropout: float = 0.0
+        offset: int = 0
+        bias: bool = True
+        seed: str = "clash"
+
+    rs.register(Options)
+    try:
+        assert Options(target_modules=["x"]).offset == 0  # 0 is a valid value: the default "min" is 0
+        with pytest.raises(rs.RankshareError, match="dropout must be a finite number"):
+            Options(target_modules=["x"], dropout=float("nan"))
+        args = build_parser().parse_args(["train", "--method", "plainlora-options", "--dropout", "0.1",
+                                          "--offset", "0", "--no-bias"])
+        assert (args.dropout, args.offset, args.bias, args.seed) == (0.1, 0, False, 0)
+        assert any("--seed of plainlora-options clashes" in str(w.message) for w in recwarn)
+    finally:
+        unregister("plainlora-options")

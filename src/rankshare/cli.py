@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import warnings
@@ -72,13 +73,43 @@ def _add_method_options(group) -> None:
     """``--option`` for each method option; left out, it is None and each method keeps its own default."""
     for name, (spec, owners) in method_options().items():
         flag = "--" + name.replace("_", "-")
-        about = spec.metadata.get("help", name.replace("_", " "))
+        about = f"{spec.metadata.get('help', name.replace('_', ' '))} ({', '.join(owners)}; default: {spec.default})"
         if isinstance(spec.default, bool):
-            group.add_argument(flag, action="store_true", default=None, help=f"{about} ({', '.join(owners)})")
-            continue
-        kind = _positive_int if isinstance(spec.default, int) else str
-        group.add_argument(flag, type=kind, choices=spec.metadata.get("choices"), default=None,
-                           help=f"{about} ({', '.join(owners)}; default: {spec.default})")
+            arguments = {"action": argparse.BooleanOptionalAction}
+        elif isinstance(spec.default, int):
+            arguments = {"type": _int_at_least(spec.metadata.get("min", 0))}
+        elif isinstance(spec.default, float):
+            arguments = {"type": _finite_float}
+        else:
+            arguments = {"type": str, "choices": spec.metadata.get("choices")}
+        try:
+            group.add_argument(flag, default=None, help=about, **arguments)
+        except argparse.ArgumentError:  # another method's option, or one of rankshare's own, holds the name
+            warnings.warn(f"rankshare: {flag} of {', '.join(owners)} clashes with another option of the same name; "
+                          "it cannot be set from the command line.", stacklevel=2)
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +142,6 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                       "attention query and value projections of the architecture)")
     size.add_argument("--dry-run", action="store_true", help="print each method's rank for --budget and stop, "
                       "without loading data or training")
-    _add_method_options(parser.add_argument_group("method options"))
 
     schedule = parser.add_argument_group("training")
     schedule.add_argument("--epochs", type=_positive_int, default=1, help="(default: %(default)s)")
@@ -132,6 +162,8 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--resume", type=Path, metavar="DIR",
                         help="finish the interrupted run in DIR (other options are taken from DIR/command.json)")
     output.add_argument("--quiet", action="store_true", help="no progress bars")
+    # Last, so that a method's option can never take the name of one of the options above.
+    _add_method_options(parser.add_argument_group("method options"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,8 +255,14 @@ def _job_from_args(args):
 
     settings = {f.name: getattr(args, f.name) for f in fields(Settings) if f.name != "adapter"}
     targets = args.target_modules
-    if targets:
-        targets = targets if any(c in targets for c in "\\^$*+?[(|") else targets.split(",")
+    if targets and any(c in targets for c in "\\^$*+?[(|"):
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise RankshareError(f"--target-modules {targets!r} is not a valid regular expression ({error}); fix it, "
+                                 "or give comma-separated module names.") from None
+    elif targets:
+        targets = [name.strip() for name in targets.split(",") if name.strip()]
     chosen = [args.method] if args.command == "train" else args.methods
     if args.rank is not None and args.budget is not None and args.command == "train":
         raise RankshareError("Give --rank or --budget, not both.")
@@ -249,11 +287,14 @@ def _run_training(args) -> None:
         if not command.is_file():
             raise RankshareError(f"--resume {args.resume}: no command.json there; give the --out of an "
                                  "interrupted run.")
+        if args.dry_run:
+            raise RankshareError("--dry-run plans a new run; leave it out to --resume one.")
         try:
             job, out = Job(**json.loads(command.read_text())), args.resume
+            Settings(adapter={}, **job.settings)  # an earlier version kept other fields here
         except (TypeError, ValueError) as error:
             raise RankshareError(f"--resume {args.resume}: its command.json is not one this version wrote "
-                                 f"({error}).") from None
+                                 f"({error}); start the run again.") from None
     else:
         job = _job_from_args(args)
         if args.dry_run:

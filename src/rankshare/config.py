@@ -38,7 +38,8 @@ class AdapterConfig(abc.ABC):
         or one regular expression matched against the whole module name.
 
     A method's own options are its further dataclass fields; ``field(metadata={"help": ...})`` describes
-    one for the command line, and ``"choices"`` lists a string option's values.
+    one for the command line, ``"choices"`` lists a string option's values and ``"min"`` an integer's least
+    value (0 unless given).
     """
 
     method: ClassVar[str] = ""  # the registry's key, in files and on the command line
@@ -101,12 +102,21 @@ class AdapterConfig(abc.ABC):
                 f"(e.g. ['query', 'value']) or a regex string, got {targets!r}."
             )
         for name, option in self.options().items():
+            value = getattr(self, name)
             if "choices" in option.metadata:
                 check_choice(self, name, tuple(option.metadata["choices"]))
             elif isinstance(option.default, bool):
                 check_bool(self, name)
             elif _is_int(option.default):
-                check_positive_int(self, name)
+                minimum = option.metadata.get("min", 0)
+                if not _is_int(value) or value < minimum:
+                    raise RankshareError(f"{type(self).__name__}: {name} must be an integer >= {minimum}, got "
+                                         f"{value!r}.")
+                if value > LARGEST_SIZE:
+                    raise RankshareError(f"{type(self).__name__}: {name} = {value} is too large; use at most "
+                                         f"{LARGEST_SIZE}.")
+            elif isinstance(option.default, float) and not _is_finite_number(value):
+                raise RankshareError(f"{type(self).__name__}: {name} must be a finite number, got {value!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -163,7 +173,7 @@ def register(cls: type[AdapterConfig]) -> type[AdapterConfig]:
         missing = ", ".join(sorted(cls.__abstractmethods__))
         raise RankshareError(f"{cls.__name__} does not implement {missing}; every method must.")
     known = _REGISTERED.get(cls.method)
-    if known is not None and known.__qualname__ != cls.__qualname__:
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
         raise RankshareError(f"Method {cls.method!r} is already registered by {known.__module__}.{known.__qualname__}.")
     _REGISTERED[cls.method] = cls
     return cls

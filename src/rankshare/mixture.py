@@ -27,7 +27,7 @@ class MixtureConfig(AdapterConfig):
     budget_alternatives = {"num_experts": tuple(range(2, 9))}
     layer_class: ClassVar[type[MixtureLayer]]
 
-    num_experts: int = field(default=8, metadata={"help": "experts N the router mixes"})
+    num_experts: int = field(default=8, metadata={"help": "experts N the router mixes", "min": 1})
 
     def create_adapters(self, targets: dict[str, nn.Module]) -> tuple[dict[str, AdapterLayer], dict[str, nn.Module]]:
         return {name: self.layer_class(base, self.rank, self.num_experts, self.scale)

@@ -4,7 +4,7 @@ Each method counts its own parameters (``AdapterConfig.num_trainable_parameters`
 file). A plan may exceed its budget by at most 5 % and fall short of it by at most 10 %. Every count grows
 strictly with the rank, so the two ranks around a budget are found by bisection, and the one closer to the
 budget among those that fit is chosen. Where one rank step is too coarse (MoE-LoRA: one more rank adds
-N r (d_in + d_out)), the planner tries the values the method offers for its ``budget_alternatives`` (the
+N (d_in + d_out) per layer), the planner tries the values the method offers for its ``budget_alternatives`` (the
 number of experts), nearest to the asked one first, and says so in the plan; a method that still cannot
 fit is left out, and its note names the nearest budget it could meet.
 """

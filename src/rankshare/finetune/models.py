@@ -87,15 +87,17 @@ def load_causal_lm(source: ModelSource) -> nn.Module:
     return _load(AutoModelForCausalLM, source)
 
 
-def model_skeleton(source: ModelSource) -> nn.Module:
-    """The model's modules with their shapes and no weights (on the meta device): enough to plan an adapter."""
+def model_skeleton(source: ModelSource, causal: bool) -> nn.Module:
+    """The model a run builds (a sequence classifier, or a causal LM), with its shapes and no weights (on the meta
+    device): enough to plan an adapter. The data is not read, so a classifier's head has a placeholder width."""
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto_class = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     try:
         config = _quietly(AutoConfig.from_pretrained, source.path, **source.load_kwargs)
         with torch.device("meta"):
-            return AutoModel.from_config(config)
+            return auto_class.from_config(config)
     except (OSError, ValueError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RankshareError(f"--model {source.spec}: could not read its architecture ({first_line}).") from None

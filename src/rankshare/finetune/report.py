@@ -135,8 +135,15 @@ def _row(cells: list[str]) -> str:
 
 
 def _method_name(run: dict) -> str:
+    """The method's title, with the options the run changed from the method's defaults (e.g. the experts a
+    budget plan chose): ``MoE-LoRA (num_experts=6)``."""
     known = methods().get(run["method"])
-    return known.title if known else str(run["method"])
+    if known is None:
+        return str(run["method"])
+    adapter = (run.get("config") or {}).get("adapter") or {}
+    changed = [f"{name}={adapter[name]}" for name, option in known.options().items()
+               if name in adapter and adapter[name] != option.default]
+    return known.title + (f" ({', '.join(changed)})" if changed else "")
 
 
 def _number(value) -> float | None:

@@ -161,7 +161,8 @@ def plan_adapters(job: Job, shapes: dict[str, tuple[int, int]], targets) -> dict
 
 def dry_run(job: Job) -> dict[str, tuple[AdapterConfig | None, str]]:
     """The plan of ``job`` from the model's architecture alone: no weights, no data, no training."""
-    skeleton = model_skeleton(resolve_model(job.model))
+    source = resolve_model(job.model)
+    skeleton = model_skeleton(source, causal=objective_kind(job, source) != "classify")
     targets = job.target_modules or default_targets(skeleton)
     return plan_adapters(job, target_shapes(skeleton, targets), targets)
 
@@ -324,8 +325,9 @@ def merge_run(directory: Path, out: Path, gates: list[float] | str | None) -> Pa
     model, run, tokenizer, folder = load_trained(directory, "cpu")
     config = AdapterConfig.from_dict(run["settings"]["adapter"])
     if config.merge_needs_gates and gates is None:
-        raise RankshareError(f"A {config.method} adapter routes each token differently and merges only with fixed "
-                             "gates: pass --gates g1,...,gN (one weight per expert) or --gates TASK.")
+        options = ", ".join(f"{name}={value}" for name, value in config.option_values().items())
+        raise RankshareError(f"A {config.method} adapter ({options}) routes each token differently and merges only "
+                             "with fixed gates: pass --gates g1,...,gN (one weight per expert) or --gates TASK.")
     if not config.merge_needs_gates and gates is not None:
         raise RankshareError(f"--gates applies to routed mixtures only; a {config.method} adapter merges without it.")
     if isinstance(gates, str):  # a task name: that task's mean routing, measured at evaluation

@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from ..atomic_files import replace_file
-from ..config import methods
+from ..config import method_class, methods
 from ..finetune.report import compact, new_figure, router_figure
 from .plan import Part, Variant
 from .runner import PLAN_FILE, SEARCH_FILE
@@ -28,7 +28,7 @@ COLOURS = {"lora": "C0", "lotr": "C1", "lotr-by-shape": "C2", "lotr-frozen": "C3
 
 def is_mixture(variant: Variant) -> bool:
     """A routed mixture: its update depends on per-token gates."""
-    return methods()[variant.method].merge_needs_gates
+    return method_class(variant.method).merge_needs_gates
 
 
 def load_parts(out: Path) -> list[Part]:

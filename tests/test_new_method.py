@@ -171,7 +171,9 @@ def test_option_types_reach_the_command_line(recwarn):
             Options(target_modules=["x"], dropout=float("nan"))
         args = build_parser().parse_args(["train", "--method", "plainlora-options", "--dropout", "0.1",
                                           "--offset", "0", "--no-bias"])
-        assert (args.dropout, args.offset, args.bias, args.seed) == (0.1, 0, False, 0)
+        given = [getattr(args, f"method_option:{name}") for name in ("dropout", "offset", "bias")]
+        assert (*given, args.seed) == (0.1, 0, False, 0)
+        assert not hasattr(args, "method_option:seed")  # the clash left rankshare's own --seed alone
         assert any("--seed of plainlora-options clashes" in str(w.message) for w in recwarn)
     finally:
         unregister("plainlora-options")

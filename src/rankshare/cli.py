@@ -28,14 +28,21 @@ class Parser(argparse.ArgumentParser):
         raise RankshareError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
 
 
 def _cap(text: str) -> int | None:
@@ -65,7 +72,8 @@ def method_options() -> dict[str, tuple]:
     found: dict[str, tuple] = {}
     for name, cls in methods().items():
         for option, spec in cls.options().items():
-            found[option] = (found.get(option, (spec, ()))[0], found.get(option, (spec, ()))[1] + (name,))
+            first, owners = found.get(option, (spec, ()))
+            found[option] = (first, (*owners, name))
     return found
 
 
@@ -83,23 +91,15 @@ def _add_method_options(group) -> None:
         else:
             arguments = {"type": str, "choices": spec.metadata.get("choices")}
         try:
-            group.add_argument(flag, default=None, help=about, **arguments)
+            group.add_argument(flag, dest=_option_dest(name), default=None, help=about, **arguments)
         except argparse.ArgumentError:  # another method's option, or one of rankshare's own, holds the name
             warnings.warn(f"rankshare: {flag} of {', '.join(owners)} clashes with another option of the same name; "
                           "it cannot be set from the command line.", stacklevel=2)
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
+def _option_dest(name: str) -> str:
+    # Apart from rankshare's own arguments, so that an option skipped for a clash is never read from theirs.
+    return f"method_option:{name}"
 
 
 def _finite_float(text: str) -> float:
@@ -266,10 +266,12 @@ def _job_from_args(args):
     chosen = [args.method] if args.command == "train" else args.methods
     if args.rank is not None and args.budget is not None and args.command == "train":
         raise RankshareError("Give --rank or --budget, not both.")
-    options = {name: getattr(args, name) for name in method_options() if getattr(args, name) is not None}
+    declared = method_options()
+    given = {name: getattr(args, _option_dest(name), None) for name in declared}
+    options = {name: value for name, value in given.items() if value is not None}
     for name in options:
-        if not any(name in methods()[method].options() for method in chosen):
-            owners = ", ".join(method_options()[name][1])
+        if not set(chosen) & set(declared[name][1]):
+            owners = ", ".join(declared[name][1])
             raise RankshareError(f"--{name.replace('_', '-')} is an option of {owners}, not of {', '.join(chosen)}; "
                                  "leave it out or choose a method that takes it.")
     return Job(methods=chosen, model=args.model, data=args.data, objective=args.objective, text_column=args.text_column,

@@ -82,7 +82,7 @@ class AdapterConfig(abc.ABC):
         return self.alpha / self.rank
 
     def validate(self) -> None:
-        check_positive_int(self, "rank")
+        check_int(self, "rank", 1)
         if not _is_finite_number(self.alpha):
             raise RankshareError(f"{type(self).__name__}: alpha must be a finite number, got {self.alpha!r}.")
         targets = self.target_modules
@@ -102,21 +102,15 @@ class AdapterConfig(abc.ABC):
                 f"(e.g. ['query', 'value']) or a regex string, got {targets!r}."
             )
         for name, option in self.options().items():
-            value = getattr(self, name)
             if "choices" in option.metadata:
                 check_choice(self, name, tuple(option.metadata["choices"]))
             elif isinstance(option.default, bool):
                 check_bool(self, name)
             elif _is_int(option.default):
-                minimum = option.metadata.get("min", 0)
-                if not _is_int(value) or value < minimum:
-                    raise RankshareError(f"{type(self).__name__}: {name} must be an integer >= {minimum}, got "
-                                         f"{value!r}.")
-                if value > LARGEST_SIZE:
-                    raise RankshareError(f"{type(self).__name__}: {name} = {value} is too large; use at most "
-                                         f"{LARGEST_SIZE}.")
-            elif isinstance(option.default, float) and not _is_finite_number(value):
-                raise RankshareError(f"{type(self).__name__}: {name} must be a finite number, got {value!r}.")
+                check_int(self, name, option.metadata.get("min", 0))
+            elif isinstance(option.default, float) and not _is_finite_number(getattr(self, name)):
+                raise RankshareError(f"{type(self).__name__}: {name} must be a finite number, got "
+                                     f"{getattr(self, name)!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -220,10 +214,10 @@ def _is_finite_number(value: Any) -> bool:
         return False
 
 
-def check_positive_int(config: AdapterConfig, name: str) -> None:
+def check_int(config: AdapterConfig, name: str, minimum: int) -> None:
     value = getattr(config, name)
-    if not _is_int(value) or value < 1:
-        raise RankshareError(f"{type(config).__name__}: {name} must be an integer >= 1, got {value!r}.")
+    if not _is_int(value) or value < minimum:
+        raise RankshareError(f"{type(config).__name__}: {name} must be an integer >= {minimum}, got {value!r}.")
     if value > LARGEST_SIZE:
         raise RankshareError(f"{type(config).__name__}: {name} = {value} is too large; use at most {LARGEST_SIZE}.")
 

@@ -99,8 +99,8 @@ def plan_rank(config: AdapterConfig, shapes: dict[str, tuple[int, int]], budget:
             changed = [k for k, v in candidate.option_values().items() if v != getattr(config, k)]
             chosen = ", ".join(f"{k}={getattr(candidate, k)}" for k in changed)
             asked = ", ".join(f"{k}={getattr(config, k)}" for k in changed)
-            note = f"rank {rank} with {chosen} gives {parameters:,} ({_relative(parameters, budget)}); with {asked} " \
-                   f"no rank fits {WINDOW} ({closest})"
+            note = (f"rank {rank} with {chosen} gives {parameters:,} ({_relative(parameters, budget)}); with {asked} "
+                    f"no rank fits {WINDOW} ({closest})")
         return Plan(method, rank, candidate.option_values(), parameters, budget, note)
     tried = f", nor with any of {_alternatives(config)}" if len(candidates) > 1 else ""
     nearest = nearest_budget(candidates, shapes, budget)

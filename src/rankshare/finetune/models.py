@@ -99,8 +99,8 @@ def model_skeleton(source: ModelSource, causal: bool) -> nn.Module:
         with torch.device("meta"):
             return auto_class.from_config(config)
     except (OSError, ValueError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RankshareError(f"--model {source.spec}: could not read its architecture ({first_line}).") from None
+        reason = _first_line(error)
+        raise RankshareError(f"--model {source.spec}: could not read its architecture ({reason}).") from None
 
 
 def load_tokenizer(source: ModelSource):
@@ -116,8 +116,12 @@ def _load(auto_class, source: ModelSource, **kwargs) -> nn.Module:
     try:
         return _quietly(auto_class.from_pretrained, source.path, **source.load_kwargs, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RankshareError(f"--model {source.spec}: could not load it ({first_line}).") from None
+        raise RankshareError(f"--model {source.spec}: could not load it ({_first_line(error)}).") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _quietly(load, *args, **kwargs):

@@ -21,7 +21,7 @@ from torch import nn
 import rankshare as rs
 
 from ..atomic_files import replace_file
-from ..config import AdapterConfig
+from ..config import AdapterConfig, method_class
 from ..errors import RankshareError
 from ..mixture import MixtureLayer
 from . import distributed
@@ -60,7 +60,7 @@ class Settings:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else type(self.adapter_config()).learning_rate
+        return self.lr if self.lr is not None else method_class(self.method).learning_rate
 
 
 def attach_adapter(model: nn.Module, settings: Settings, heads: list[str]) -> nn.Module:

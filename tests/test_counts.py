@@ -44,8 +44,8 @@ def test_counts_equal_closed_forms(family, method):
 def test_frozen_factors_train_cores_only(family):
     config = rs.LotrConfig(rank=3, target_modules=family.targets, freeze_factors=True)
     model = rs.adapt(base_model(family), config)
-    assert model.num_trainable_parameters() == len(model.adapter_names) * 3 * 3
-    assert all(not p.requires_grad for group in model.shared.values() for p in group.parameters())
+    assert model.num_trainable_parameters() == len(model.targeted_module_names) * 3 * 3
+    assert all(not p.requires_grad for group in model.shared["default"].values() for p in group.parameters())
 
 
 def roberta_like() -> nn.Module:
@@ -65,12 +65,12 @@ def test_roberta_base_figures_from_methods_md():
 def test_factors_are_shared_storage_and_cores_are_not(family):
     model = rs.adapt(base_model(family), rs.LotrConfig(rank=2, target_modules=family.targets))
     layers = list(model.adapter_layers().values())
-    for group in model.shared.values():
+    for group in model.shared["default"].values():
         members = [layer for layer in layers if layer.group is group]
         assert len(members) >= 2
         assert len({layer.group.left.data_ptr() for layer in members}) == 1
         assert len({layer.core.data_ptr() for layer in members}) == len(members)
-    assert {id(layer.group) for layer in layers} == {id(g) for g in model.shared.values()}
+    assert {id(layer.group) for layer in layers} == {id(g) for g in model.shared["default"].values()}
 
 
 def test_by_shape_shares_across_projection_types():
@@ -79,9 +79,9 @@ def test_by_shape_shares_across_projection_types():
 
     config = rs.LotrConfig(rank=2, target_modules=["k_proj", "v_proj"], share="by_shape")
     model = rs.adapt(base_model(FAMILIES["llama"]), config)
-    assert list(model.shared) == ["16x32"]
+    assert list(model.shared["default"]) == ["16x32"]
     by_name = rs.adapt(base_model(FAMILIES["llama"]), rs.LotrConfig(rank=2, target_modules=["k_proj", "v_proj"]))
-    assert sorted(by_name.shared) == ["model/layers/*/self_attn/k_proj", "model/layers/*/self_attn/v_proj"]
+    assert sorted(by_name.shared["default"]) == ["model/layers/*/self_attn/k_proj", "model/layers/*/self_attn/v_proj"]
 
 
 def test_print_trainable_parameters(capsys, family):

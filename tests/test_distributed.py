@@ -98,7 +98,7 @@ def worker(out_dir: Path) -> None:
         safetensors.torch.save_file(tensors, out_dir / f"{wrapper}-{method}-rank{rank}.safetensors")
 
     def shard_groups_alone(model, fully_shard):
-        for group in model.shared.values():
+        for group in model.shared["default"].values():
             fully_shard(group)
         fully_shard(model)
 

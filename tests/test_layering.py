@@ -16,7 +16,7 @@ SOURCE = Path(__file__).resolve().parent.parent / "src" / "rankshare"
 
 LAYERS = [
     {"errors", "version", "atomic_files"},
-    {"config", "layer", "targets", "mixture", "lotr", "mor", "moelora", "peft_lora"},  # the methods
+    {"config", "layer", "slots", "targets", "mixture", "lotr", "mor", "moelora", "peft_lora"},  # the methods
     {"persistence"},  # adapter files
     {"model"},  # surgery
     {"__init__", "integrations"},

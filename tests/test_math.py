@@ -110,7 +110,7 @@ def test_tucker_init_spans_leading_singular_subspaces(share):
     family = FAMILIES["llama"]
     config = rs.LotrConfig(rank=3, target_modules=["q_proj", "o_proj"], init="tucker", share=share)
     model = rs.adapt(base_model(family), config)
-    for key, group in model.shared.items():
+    for key, group in model.shared["default"].items():
         layers = [layer for layer in model.adapter_layers().values() if layer.group is group]
         W = torch.stack([dense_base_weight(layer).double() for layer in layers])  # (L, d_out, d_in)
         mode1 = torch.cat(list(W), dim=1)  # (d_out, L d_in) = [W_1 … W_L]
@@ -125,7 +125,7 @@ def test_tucker_init_spans_leading_singular_subspaces(share):
 
 def test_lotr_random_factors_are_orthonormal_and_updates_start_at_zero():
     model = rs.adapt(base_model(FAMILIES["bert"]), rs.LotrConfig(rank=4, target_modules=["query"]))
-    for group in model.shared.values():
+    for group in model.shared["default"].values():
         for factor in (group.left, group.right):
             torch.testing.assert_close(factor.T @ factor, torch.eye(4), atol=1e-5, rtol=0)
     for layer in model.adapter_layers().values():

@@ -273,7 +273,7 @@ def test_a_non_finite_adapter_is_not_saved_over_a_good_one(tmp_path):
     before = {name: (tmp_path / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
     model = rs.adapt(base_model(MLP), METHODS["mor"](MLP.targets), modules_to_save=MLP.modules_to_save)
     with torch.no_grad():
-        model.base_model[2].lora_B[0, 0] = math.inf
+        model.adapter_layers()["2"].lora_B[0, 0] = math.inf
     with pytest.raises(rs.RankshareError, match="'2.lora_B' holds NaN or inf, so the adapter was not saved"):
         model.save_pretrained(tmp_path)
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
@@ -297,7 +297,7 @@ def lotr_mlp(bad_layer: str | None = None) -> rs.AdaptedModel:
     randomise_adapters(model)
     if bad_layer is not None:
         with torch.no_grad():
-            model.base_model.get_submodule(bad_layer).core[0, 0] = math.nan
+            model.adapter_layers()[bad_layer].core[0, 0] = math.nan
     return model
 
 
@@ -323,13 +323,14 @@ def test_a_safe_model_merge_names_the_bad_layer_and_leaves_every_weight_as_it_wa
         getattr(model, merge)(safe=True)
     assert list(model.adapter_layers()) == ["0", "2", "4"]
     for name, layer in model.adapter_layers().items():
-        assert torch.equal(layer.base_layer.weight, before[name]) and not layer.merged, name
+        assert torch.equal(layer.base_layer.weight, before[name]), name
+        assert model.base_model.get_submodule(name).merged is None, name
 
 
 def test_a_safe_merge_refuses_an_update_that_overflows_half_precision():
     model = rs.adapt(nn.Sequential(nn.Linear(4, 4)).half(), rs.LotrConfig(rank=2, target_modules=["0"]))
     with torch.no_grad():
-        model.base_model[0].core.fill_(1e6)  # finite in float32, beyond float16's 65504
+        model.adapter_layers()["0"].core.fill_(1e6)  # finite in float32, beyond float16's 65504
     before = model.base_model[0].base_layer.weight.clone()
     with pytest.raises(rs.RankshareError, match="overflows torch.float16"):
         model.merge(safe=True)

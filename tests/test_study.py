@@ -194,10 +194,11 @@ def test_router_statistics_are_kept_per_layer():
                         intermediate_size=24, max_position_embeddings=16, num_labels=2)
     model = rs.adapt(BertForSequenceClassification(config).eval(),
                      rs.MorConfig(rank=2, num_experts=3, target_modules=["query", "value"]))
-    layers = [m for m in model.modules() if isinstance(m, rs.mixture.MixtureLayer)]
-    inputs = {}  # each layer's input, seen by a hook of our own
-    for layer in layers:
-        layer.register_forward_pre_hook(lambda module, args: inputs.__setitem__(module, args[0]))
+    layers = list(model.adapter_layers().values())
+    inputs = {}  # each layer's input, seen by a hook of our own on the slot holding it
+    for slot in [m for m in model.modules() if isinstance(m, rs.AdaptedLinear)]:
+        slot.register_forward_pre_hook(
+            lambda module, args: inputs.__setitem__(module.adapters["default"], args[0]))
     ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
     tracker = RouterTracker(model)

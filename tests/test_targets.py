@@ -15,19 +15,20 @@ def test_suffix_and_regex_select_the_same_modules():
     by_suffix = rs.adapt(base_model(FAMILIES["llama"]), rs.LotrConfig(rank=2, target_modules=["q_proj"]))
     regex = r"model\.layers\.\d+\.self_attn\.q_proj"
     by_regex = rs.adapt(base_model(FAMILIES["llama"]), rs.LotrConfig(rank=2, target_modules=regex))
-    assert by_suffix.adapter_names == by_regex.adapter_names == [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
+    assert by_suffix.targeted_module_names == by_regex.targeted_module_names == [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
     first_layer = rs.MorConfig(rank=2, target_modules=r"model\.layers\.0\..*_proj")
     only_first = rs.adapt(base_model(FAMILIES["llama"]), first_layer)
-    assert len(only_first.adapter_names) == 7
+    assert len(only_first.targeted_module_names) == 7
 
 
 def test_replaced_in_place_with_base_layer_kept():
     base = base_model(FAMILIES["bert"])
     query = base.bert.encoder.layer[1].attention.self.query
     model = rs.adapt(base, rs.MoeLoraConfig(rank=2, num_experts=2, target_modules=["query"]))
-    layer = model.get_submodule("base_model.bert.encoder.layer.1.attention.self.query")
-    assert isinstance(layer, rs.MoeLoraLayer) and layer.base_layer is query
-    assert base.get_submodule("bert.encoder.layer.1.attention.self.query") is layer
+    slot = model.get_submodule("base_model.bert.encoder.layer.1.attention.self.query")
+    assert isinstance(slot, rs.AdaptedLinear) and slot.base_layer is query
+    assert isinstance(slot.adapters["default"], rs.MoeLoraLayer) and slot.adapters["default"].base_layer is query
+    assert base.get_submodule("bert.encoder.layer.1.attention.self.query") is slot
     assert model.config is base.config  # unknown attributes go to the base model
 
 
@@ -77,7 +78,7 @@ def test_lotr_rank_larger_than_layer_is_refused():
 
 def test_plain_sequential_layers_form_one_group():
     model = rs.adapt(base_model(FAMILIES["mlp"]), rs.LotrConfig(rank=2, target_modules=["0", "2", "4", "6"]))
-    assert sorted(model.shared) == ["*@16x16", "*@3x16"]
+    assert sorted(model.shared["default"]) == ["*@16x16", "*@3x16"]
 
 
 @pytest.mark.parametrize(

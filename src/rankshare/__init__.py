@@ -4,6 +4,7 @@ from .config import AdapterConfig, ExternalAdapterConfig, methods, register
 from .errors import RankshareError
 from .layer import AdapterLayer
 from .model import AdaptedModel, adapt
+from .slots import AdaptedLinear, SavedModule
 from .version import __version__
 
 # isort: off
@@ -15,6 +16,7 @@ from .moelora import MoeLoraConfig, MoeLoraLayer
 # isort: on
 
 __all__ = [
+    "AdaptedLinear",
     "AdaptedModel",
     "AdapterConfig",
     "AdapterLayer",
@@ -28,6 +30,7 @@ __all__ = [
     "MorLayer",
     "PeftLoraConfig",
     "RankshareError",
+    "SavedModule",
     "__version__",
     "adapt",
     "methods",

@@ -39,7 +39,8 @@ class AdapterConfig(abc.ABC):
 
     A method's own options are its further dataclass fields; ``field(metadata={"help": ...})`` describes
     one for the command line, ``"choices"`` lists a string option's values and ``"min"`` an integer's least
-    value (0 unless given).
+    value (0 unless given); ``"option": False`` marks a field that is no option to plan or set per run (it
+    still goes into the saved config).
     """
 
     method: ClassVar[str] = ""  # the registry's key, in files and on the command line
@@ -65,6 +66,11 @@ class AdapterConfig(abc.ABC):
     def create_adapters(self, targets: dict[str, nn.Module]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
         """Adapter layers for the target modules (name -> base layer), and the modules several layers share."""
 
+    def basis_name(self) -> str | None:
+        """The adapter (in the same model) whose shared modules this one uses; they come to ``create_adapters``
+        as ``basis=``. None for an adapter that owns everything it uses."""
+        return None
+
     @abc.abstractmethod
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
         """The exact trainable adapter parameters for targets name -> ``(d_out, d_in)``, from the closed form."""
@@ -72,7 +78,8 @@ class AdapterConfig(abc.ABC):
     @classmethod
     def options(cls) -> dict[str, dataclasses.Field]:
         """The method's own options: its fields beyond rank, alpha and target_modules."""
-        return {f.name: f for f in dataclasses.fields(cls) if f.name not in COMMON_FIELDS}
+        return {f.name: f for f in dataclasses.fields(cls)
+                if f.name not in COMMON_FIELDS and f.metadata.get("option", True)}
 
     def option_values(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.options()}
@@ -143,8 +150,8 @@ class ExternalAdapterConfig(AdapterConfig):
     """
 
     @abc.abstractmethod
-    def attach(self, model: nn.Module, modules_to_save: list[str]) -> nn.Module:
-        """Freeze ``model`` and add this adapter, as the other library does."""
+    def attach(self, model: nn.Module, modules_to_save: list[str], adapter_name: str = "default") -> nn.Module:
+        """Freeze ``model`` and add this adapter under ``adapter_name``, as the other library does."""
 
     @classmethod
     @abc.abstractmethod

@@ -1,7 +1,7 @@
 """Training an adapted model at scale: DistributedDataParallel, FSDP2, and transformers' ``Trainer``.
 
 **DistributedDataParallel** needs nothing from rankshare: wrap the ``AdaptedModel`` as any module. LoTR's
-factors U, V are registered once (in ``AdaptedModel.shared``), so DDP holds one gradient for each, summed
+factors U, V are registered once (in ``AdaptedModel.shared[adapter name]``), so DDP holds one gradient for each, summed
 over every layer of its group, and all-reduces it like any other parameter: every rank ends each step
 with the same U and V.
 
@@ -74,8 +74,9 @@ def check_fsdp_sharding(model: AdaptedModel) -> None:
 
     if not any(isinstance(module, FSDPModule) for module in model.modules()):
         return
-    for key, group in model.shared.items():
-        if isinstance(group, FSDPModule) or isinstance(model.shared, FSDPModule):
+    groups = {f"{name}.{key}": (group, owner) for name, owner in model.shared.items() for key, group in owner.items()}
+    for key, (group, owner) in groups.items():
+        if any(isinstance(module, FSDPModule) for module in (group, owner, model.shared)):
             raise RankshareError(
                 f"The shared factors 'shared.{key}' are sharded as an FSDP unit of their own, but a unit gathers its "
                 "tensors in its forward, and the LoTR layers read U and V directly, so they would meet the factors "

@@ -1,4 +1,4 @@
-"""What every adapter layer shares: it wraps a frozen linear layer and adds ``s · ΔW x`` to its output.
+"""What every method's layer shares (``AdapterLayer``): one low-rank update ``s · ΔW x`` of one frozen base layer.
 
 Base layers come in two storage layouts, and this file is the only place that knows them:
 ``torch.nn.Linear`` keeps its weight as ``(d_out, d_in)``; GPT-2's ``transformers.pytorch_utils.Conv1D``
@@ -49,26 +49,30 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if is_conv1d(module) else module.weight
 
 
-class AdapterLayer(nn.Module):
-    """A frozen base layer plus a low-rank update: ``y = base_layer(x) + s · ΔW x``.
 
-    Subclasses implement ``adapter_forward(x)`` (returns ``s · ΔW x`` without forming ΔW) and
-    ``delta_weight(gates)`` (returns ``s · ΔW`` as ``(d_out, d_in)``). Adapter parameters are created in
-    float32 on the base layer's device; inputs are cast to their dtype and the update back to the output's.
+class AdapterLayer(nn.Module):
+    """One method's low-rank update of one base layer: ``s · ΔW x``, computed without forming ΔW.
+
+    Subclasses implement ``adapter_forward(x)`` (returns ``s · ΔW x``) and ``delta_weight(gates)`` (returns
+    ``s · ΔW`` as ``(d_out, d_in)``). Tensors are created in float32 on the base layer's device (``factory``).
+    The base layer is referenced, not owned: in a model it belongs to the ``AdaptedLinear`` that holds this
+    update beside other adapters' updates. Called alone, the layer computes ``base_layer(x) + s · ΔW x``.
     """
 
     def __init__(self, base_layer: nn.Module, scale: float) -> None:
         super().__init__()
         self.out_features, self.in_features = linear_shape(base_layer)
-        self.base_layer = base_layer
+        object.__setattr__(self, "base_layer", base_layer)  # not a submodule: never saved or counted here
         self.scale = scale
-        self.merged = False
-        self._merged_gates: torch.Tensor | None = None
 
     @property
     def factory(self) -> dict:
         """Keyword arguments that put a new adapter tensor beside the base weight, in float32."""
         return {"device": self.base_layer.weight.device, "dtype": torch.float32}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self._parameters.values())).dtype  # this layer's own tensors, not the base's
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -81,51 +85,31 @@ class AdapterLayer(nn.Module):
         return []
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        """The parameters this layer owns, the frozen base layer's excluded."""
-        return {name: p for name, p in self.named_parameters() if not name.startswith("base_layer.")}
+        """The parameters this layer owns."""
+        return dict(self.named_parameters())
+
+    def update(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``s · ΔW x`` computed in this layer's dtype and returned in ``like``'s."""
+        return self.adapter_forward(x.to(self.dtype)).to(like.dtype)
+
+    def batch_key(self) -> object | None:
+        """Layers with the same key (not None) compute a mixed batch together, in one ``forward_rows`` call."""
+        return None
+
+    @classmethod
+    def forward_rows(cls, layers: list[AdapterLayer], x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """``s · ΔW x`` where row i of ``x`` goes through ``layers[choice[i]]`` (layers of one ``batch_key``)."""
+        out = None
+        for index, layer in enumerate(layers):
+            rows = (choice == index).nonzero().squeeze(1)
+            part = layer.adapter_forward(x[rows])
+            out = part.new_zeros((x.shape[0], *part.shape[1:])) if out is None else out
+            out.index_copy_(0, rows, part)
+        return out
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return out
-        adapter_dtype = next(iter(self._parameters.values())).dtype  # this layer's own tensors, not the base's
-        return out + self.adapter_forward(x.to(adapter_dtype)).to(out.dtype)
-
-    @torch.no_grad()
-    def merge(self, gates: torch.Tensor | None = None, safe: bool = False) -> None:
-        """Fold ``s · ΔW`` into the base weight, in place.
-
-        ``safe=True`` forms the merged weight aside first and refuses, leaving the weight untouched, if it
-        holds NaN or inf: a diverged adapter, or an update that overflows the base weight's dtype.
-        """
-        if self.merged:
-            warnings.warn("This adapter layer is already merged; nothing to do.", stacklevel=2)
-            return
-        dense_weight(self.base_layer).copy_(self.merged_weight(gates, safe))
-        self.merged, self._merged_gates = True, gates
-
-    @torch.no_grad()
-    def merged_weight(self, gates: torch.Tensor | None = None, safe: bool = False) -> torch.Tensor:
-        """``W + s · ΔW`` as (d_out, d_in), formed aside; ``safe`` refuses NaN or inf in it (nothing changes)."""
-        weight = dense_weight(self.base_layer)
-        merged = weight + self.delta_weight(gates).to(weight)
-        if safe and not torch.isfinite(merged).all():
-            raise RankshareError(
-                f"Merging this {self.out_features}×{self.in_features} adapter layer would put NaN or inf into its "
-                f"{weight.dtype} base weight (the update s·ΔW is not finite, or overflows {weight.dtype}); the "
-                "weight is unchanged. Retrain or reload a finite adapter, or merge into a wider dtype."
-            )
-        return merged
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take ``s · ΔW`` back out of the base weight."""
-        if not self.merged:
-            warnings.warn("This adapter layer is not merged; nothing to do.", stacklevel=2)
-            return
-        weight = dense_weight(self.base_layer)
-        weight -= self.delta_weight(self._merged_gates).to(weight)
-        self.merged, self._merged_gates = False, None
+        return out + self.update(x, out)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:g}"

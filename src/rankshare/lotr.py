@@ -12,6 +12,10 @@ Trainable parameters per group: ``r (d_in + d_out) + L r²`` (only ``L r²`` wit
 Initialisation keeps ΔW = 0: G = 0 and U, V with orthonormal columns, either random (``init="random"``)
 or the leading singular vectors of the mode-1 and mode-3 unfoldings of the stacked frozen weights
 (``init="tucker"``, one step of HOSVD). At step 0 only the cores receive gradient; the factors follow.
+
+Many tasks on one basis: with ``basis="news"`` an adapter uses adapter "news"'s U and V (frozen for it) and
+trains only its own cores, ``L r²`` per group. In a batch that mixes such adapters, ``Vᵀ x`` and ``U (·)`` are
+computed once for all rows; only the r×r core differs per row.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class LotrConfig(AdapterConfig):
         one shape (e.g. query and value together, as in the authors' code).
     init: ``"random"`` (random orthonormal U, V) or ``"tucker"`` (U, V from the frozen weights).
     freeze_factors: train only the cores G_l.
+    basis: the name of a LoTR adapter in the same model whose U and V this adapter uses, frozen; it trains
+        only its cores, which start at zero (the base model). Its groups and rank must be the basis's.
     """
 
     method = "lotr"
@@ -47,27 +53,66 @@ class LotrConfig(AdapterConfig):
         "help": "one U, V per projection type (by_name) or per shape (by_shape)"})
     init: str = field(default="random", metadata={"choices": ("random", "tucker"), "help": "init of U and V"})
     freeze_factors: bool = field(default=False, metadata={"help": "train the cores only"})
+    # A name inside one model; the command line's --basis takes a trained run instead.
+    basis: str | None = field(default=None, metadata={"option": False})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.basis is not None and not (isinstance(self.basis, str) and self.basis):
+            raise RankshareError(f"LotrConfig: basis must be the name of a LoTR adapter, got {self.basis!r}.")
+
+    def basis_name(self) -> str | None:
+        return self.basis
 
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
-        """Per group of L layers: ``r (d_in + d_out) + L r²``, or ``L r²`` with frozen factors."""
+        """Per group of L layers: ``r (d_in + d_out) + L r²``, or ``L r²`` with frozen or borrowed factors."""
         total = 0
         for names in group_targets(shapes, self.share).values():
             d_out, d_in = shapes[names[0]]
-            total += len(names) * self.rank**2 + (0 if self.freeze_factors else self.rank * (d_in + d_out))
+            own_factors = not (self.freeze_factors or self.basis)
+            total += len(names) * self.rank**2 + (self.rank * (d_in + d_out) if own_factors else 0)
         return total
 
-    def create_adapters(self, targets: dict[str, nn.Module]) -> tuple[dict[str, AdapterLayer], dict[str, nn.Module]]:
+    def create_adapters(self, targets: dict[str, nn.Module], basis: dict[str, nn.Module] | None = None
+                        ) -> tuple[dict[str, AdapterLayer], dict[str, nn.Module]]:
+        grouped = group_targets({n: linear_shape(m) for n, m in targets.items()}, self.share)
+        if self.basis is not None:
+            return self._layers_on_basis(targets, grouped, basis or {}), {}
         layers, groups = {}, {}
-        for key, names in group_targets({n: linear_shape(m) for n, m in targets.items()}, self.share).items():
+        for key, names in grouped.items():
             bases = [targets[name] for name in names]
             group = LotrGroup(*linear_shape(bases[0]), self.rank, device=bases[0].weight.device)
             if self.init == "tucker":
                 group.init_from_weights([dense_weight(base) for base in bases])
             group.requires_grad_(not self.freeze_factors)
+            group.members = tuple(names)
             groups[key] = group
             for name, base in zip(names, bases):
                 layers[name] = LotrLayer(base, group, self.rank, self.scale)
         return layers, groups
+
+    def _layers_on_basis(self, targets: dict[str, nn.Module], grouped: dict[str, list[str]],
+                         basis: dict[str, nn.Module]) -> dict[str, AdapterLayer]:
+        found = {key: [list(group.members), group.left.shape[1]] for key, group in basis.items()
+                 if isinstance(group, LotrGroup)}
+        wanted = {key: [names, self.rank] for key, names in grouped.items()}
+        if found != wanted:
+            raise RankshareError(
+                f"LotrConfig(basis={self.basis!r}) must adapt the modules of its basis, grouped the same way, at the "
+                f"same rank: the basis has {_describe(found)}, this config gives {_describe(wanted)}. Use the basis's "
+                "target_modules, share and rank."
+            )
+        layers = {}
+        for key, names in grouped.items():
+            for name in names:
+                layers[name] = LotrLayer(targets[name], basis[key], self.rank, self.scale)
+        return layers
+
+
+def _describe(groups: dict[str, list]) -> str:
+    if not groups:
+        return "no LoTR groups"
+    return "; ".join(f"{key}: {len(names)} modules, rank {rank}" for key, (names, rank) in sorted(groups.items()))
 
 
 class LotrGroup(nn.Module):
@@ -82,6 +127,7 @@ class LotrGroup(nn.Module):
             )
         self.left = nn.Parameter(_random_orthonormal(out_features, rank, device))
         self.right = nn.Parameter(_random_orthonormal(in_features, rank, device))
+        self.members: tuple[str, ...] = ()  # the names of the layers using the group
 
     @torch.no_grad()
     def init_from_weights(self, weights: list[torch.Tensor]) -> None:
@@ -116,6 +162,17 @@ class LotrLayer(AdapterLayer):
         # s · V Gᵀ costs d_in r² and no activation: two token-sized products remain, as in LoRA.
         right_core = self.group.right @ (self.scale * self.core).T  # (d_in, r)
         return (x @ right_core) @ self.group.left.T  # (..., r) -> (..., d_out)
+
+    def batch_key(self) -> object:
+        return self.group  # adapters on one basis share V^T x and U (.) in a mixed batch
+
+    @classmethod
+    def forward_rows(cls, layers: list[LotrLayer], x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        group = layers[0].group
+        cores = torch.stack([layer.scale * layer.core for layer in layers])[choice]  # (B, r, r), row i: s_t G_t
+        hidden = x @ group.right  # (B, ..., r): one product for every row
+        mixed = (hidden.reshape(len(x), -1, hidden.shape[-1]) @ cores.transpose(1, 2)).reshape(hidden.shape)
+        return mixed @ group.left.T  # (B, ..., d_out)
 
     def delta_weight(self, gates: torch.Tensor | None = None) -> torch.Tensor:
         if gates is not None:

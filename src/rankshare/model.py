@@ -1,12 +1,17 @@
-"""Model surgery: put adapter layers into a model in place, count and merge them, take them out again.
+"""Model surgery: put named adapters into a model in place, switch and mix them, merge them, take them out.
 
-Nothing here knows a method's math: a config's ``create_adapters`` builds the layers (and any factors
-they share), and every layer answers the ``AdapterLayer`` interface. The adapter files are read and
-written by ``persistence``, which knows no model.
+Nothing here knows a method's math: a config's ``create_adapters`` builds the layers (and any modules they
+share), and every layer answers the ``AdapterLayer`` interface. Each adapted base layer becomes an
+``AdaptedLinear`` holding every adapter's update of it; each module trained whole becomes a ``SavedModule``
+with one copy per adapter. The adapter files are read and written by ``persistence``, which knows no model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,95 +21,328 @@ from . import persistence
 from .config import AdapterConfig, ExternalAdapterConfig
 from .errors import RankshareError
 from .layer import AdapterLayer, linear_shape
-from .targets import find_targets, matches
+from .slots import AdaptedLinear, MixedRows, SavedModule
+from .targets import find_targets, matches, model_modules
+
+BASE = MixedRows.BASE  # in adapter_names: this row gets the base model
 
 
-def adapt(model: nn.Module, config: AdapterConfig, modules_to_save: list[str] | None = None) -> AdaptedModel:
-    """Freeze ``model``, replace each target module in place by an adapter layer, and wrap the result.
+def adapt(model: nn.Module, config: AdapterConfig, modules_to_save: list[str] | None = None,
+          adapter_name: str = "default") -> AdaptedModel:
+    """Freeze ``model``, put adapter ``adapter_name`` into each target module in place, and wrap the result.
 
     ``modules_to_save`` names modules (suffixes, as target_modules) that train fully and are saved with the
-    adapter, e.g. a classification head. A method another library implements (``ExternalAdapterConfig``,
-    e.g. PEFT's LoRA) is attached by that library, and its model comes back.
+    adapter, e.g. a classification head; each adapter gets its own copy. A method another library implements
+    (``ExternalAdapterConfig``, e.g. PEFT's LoRA) is attached by that library, and its model comes back.
     """
+    _check_config(config)
+    if isinstance(model, AdaptedModel) or any(isinstance(m, (AdaptedLinear, SavedModule)) for m in model.modules()):
+        raise RankshareError("This model already has rankshare adapters; add another with model.add_adapter(name, "
+                             "config), or adapt the original base model.")
+    if isinstance(config, ExternalAdapterConfig):
+        return config.attach(model, list(modules_to_save or []), adapter_name)
+    adapted = AdaptedModel(model)
+    adapted.add_adapter(adapter_name, config, modules_to_save)
+    return adapted
+
+
+def _check_config(config: AdapterConfig) -> None:
     if not isinstance(config, AdapterConfig) or not config.method:
         raise RankshareError(f"adapt() needs the config of a registered method (rankshare.methods()), got "
                              f"{type(config).__name__}.")
-    if isinstance(config, ExternalAdapterConfig):
-        return config.attach(model, list(modules_to_save or []))
-    targets = find_targets(model, config.target_modules)
-    trained_whole = _find_modules_to_save(model, modules_to_save or [], targets)
-    model.requires_grad_(False)
-    layers, shared = config.create_adapters(targets)
-    for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
-    for module in trained_whole.values():
-        module.requires_grad_(True)
-    return AdaptedModel(model, config, list(layers), shared, list(trained_whole))
 
 
-def _find_modules_to_save(model: nn.Module, patterns: list[str], targets: dict) -> dict[str, nn.Module]:
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    found = {name: m for name, m in model.named_modules() if name and matches(name, patterns)}
-    unmatched = [p for p in patterns if not any(matches(name, [p]) for name in found)]
-    if unmatched:
-        children = ", ".join(name for name, _ in model.named_children())
-        raise RankshareError(f"modules_to_save {unmatched} matched no module; top-level modules are: {children}.")
-    clash = sorted(n for n in found if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in targets))
-    if clash:
-        raise RankshareError(f"modules_to_save {clash} overlap target_modules; a module is either adapted or saved "
-                             "whole.")
-    return found
+@dataclass
+class _Adapter:
+    """What the model knows of one adapter besides its tensors."""
+
+    config: AdapterConfig
+    modules: list[str]  # the adapted modules, in model order
+    modules_to_save: list[str]
+    trains: list[nn.Parameter]  # what trains while the adapter is active (nothing when loaded for inference)
 
 
 class AdaptedModel(nn.Module):
-    """A base model with adapter layers inside; calls and unknown attributes go to the base model.
+    """A base model with named adapters inside; calls and unknown attributes go to the base model.
 
-    ``shared`` owns the tensors that several layers use (LoTR's factors), once.
+    One adapter is active at a time (``set_adapter``), and only its parameters train; a mixed batch gives each
+    row its own adapter (``model(**batch, adapter_names=[...])``). ``shared[name]`` owns the tensors that
+    several layers of adapter ``name`` use (LoTR's factors), once; an adapter on a basis uses another's.
     """
 
-    def __init__(
-        self,
-        base_model: nn.Module,
-        config: AdapterConfig,
-        adapter_names: list[str],
-        shared: dict[str, nn.Module],
-        modules_to_save: list[str],
-    ) -> None:
+    def __init__(self, base_model: nn.Module) -> None:
         super().__init__()
         self.base_model = base_model
-        self.shared = nn.ModuleDict(shared)
-        self.adapter_config = config
-        self.adapter_names = adapter_names
-        self.modules_to_save = modules_to_save
-
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+        self.shared = nn.ModuleDict()
+        self._adapters: dict[str, _Adapter] = {}
+        self._active: str | None = None
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name in ("base_model", "_adapters"):
                 raise
             return getattr(self.base_model, name)
 
-    def adapter_layers(self) -> dict[str, AdapterLayer]:
-        return {name: self.base_model.get_submodule(name) for name in self.adapter_names}
+    # -- which adapters there are -------------------------------------------------------------------------
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    @property
+    def adapter_configs(self) -> dict[str, AdapterConfig]:
+        """Every adapter's config, by name, in the order they were added."""
+        return {name: adapter.config for name, adapter in self._adapters.items()}
+
+    @property
+    def adapter_config(self) -> AdapterConfig:
+        """The active adapter's config."""
+        return self._adapters[self._require_active()].config
+
+    @property
+    def modules_to_save(self) -> list[str]:
+        """The modules the active adapter trains whole."""
+        return list(self._adapters[self._active].modules_to_save) if self._active else []
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """The names of the modules the active adapter adapts (``adapter_layers(name)`` for another)."""
+        return list(self._adapters[self._active].modules) if self._active else []
+
+    def _require_active(self) -> str:
+        if self._active is None:
+            raise RankshareError("This model has no adapter left; add one with add_adapter(name, config).")
+        return self._active
+
+    def _require(self, name: str) -> _Adapter:
+        if name not in self._adapters:
+            raise RankshareError(f"No adapter named {name!r}; this model has {sorted(self._adapters) or 'none'}.")
+        return self._adapters[name]
+
+    def _hosts(self) -> dict[str, AdaptedLinear]:
+        return {name: module for name, module in self.base_model.named_modules() if isinstance(module, AdaptedLinear)}
+
+    def _saved(self) -> dict[str, SavedModule]:
+        return {name: module for name, module in self.base_model.named_modules() if isinstance(module, SavedModule)}
+
+    def adapter_layers(self, adapter_name: str | None = None) -> dict[str, AdapterLayer]:
+        """Adapter ``adapter_name``'s layer (the active adapter's by default) for each module it adapts."""
+        name = adapter_name or self._active
+        if name is None:
+            return {}
+        adapter = self._require(name)
+        hosts = self._hosts()
+        return {module: hosts[module].adapters[name] for module in adapter.modules}
+
+    def basis_of(self, adapter_name: str) -> str | None:
+        """The adapter whose shared modules (LoTR's U and V) ``adapter_name`` uses, if any."""
+        return self._require(adapter_name).config.basis_name()
+
+    # -- adding, switching and removing adapters ----------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig, modules_to_save: list[str] | None = None) -> None:
+        """Put a new adapter into the model beside the others (they are left as they are).
+
+        The first adapter becomes active; a later one is activated (and made trainable) by ``set_adapter``.
+        Anything wrong (a name in use, no matching module, a basis that does not fit) raises RankshareError
+        before the model changes.
+        """
+        _check_config(config)
+        if isinstance(config, ExternalAdapterConfig):
+            raise RankshareError(f"{config.title} is attached by another library and cannot live beside rankshare "
+                                 "adapters; adapt a fresh base model with it.")
+        _check_name(adapter_name)
+        if adapter_name in self._adapters:
+            raise RankshareError(f"This model already has an adapter named {adapter_name!r}; choose another name, or "
+                                 "delete_adapter() it first.")
+        targets = find_targets(self.base_model, config.target_modules)
+        saved = self._find_modules_to_save(modules_to_save or [], targets)
+        basis = config.basis_name()
+        if basis is not None:
+            if basis not in self._adapters:
+                raise RankshareError(
+                    f"Adapter {adapter_name!r} uses the factors of adapter {basis!r} (basis={basis!r}), which this "
+                    f"model does not have (it has {sorted(self._adapters) or 'none'}). Add or load the basis first."
+                )
+            layers, owned = config.create_adapters(targets, basis=dict(self.shared[basis]) if basis in self.shared
+                                                   else {})
+        else:
+            layers, owned = config.create_adapters(targets)
+
+        # Nothing has changed so far; from here on nothing can fail.
+        if not self._adapters:
+            self.base_model.requires_grad_(False)
+        hosts = self._hosts()
+        for name, layer in layers.items():
+            if name not in hosts:
+                parent_name, _, child = name.rpartition(".")
+                hosts[name] = AdaptedLinear(targets[name])
+                setattr(self.base_model.get_submodule(parent_name), child, hosts[name])
+            hosts[name].adapters[adapter_name] = layer
+        if owned:
+            self.shared[adapter_name] = nn.ModuleDict(owned)
+        slots = self._saved()
+        for name in saved:
+            if name not in slots:
+                parent_name, _, child = name.rpartition(".")
+                parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+                slots[name] = SavedModule(saved[name])
+                setattr(parent, child, slots[name])
+            slots[name].add_copy(adapter_name).requires_grad_(True)
+        own = [*(p for layer in layers.values() for p in layer.adapter_parameters().values()),
+               *(p for module in owned.values() for p in module.parameters()),
+               *(p for name in saved for p in slots[name].copies[adapter_name].parameters())]
+        self._adapters[adapter_name] = _Adapter(config, list(layers), list(saved), [p for p in own if p.requires_grad])
+        if self._active is None:
+            self.set_adapter(adapter_name)
+        else:
+            for parameter in own:
+                parameter.requires_grad_(False)
+
+    def _find_modules_to_save(self, patterns: list[str], targets: dict) -> dict[str, nn.Module]:
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        modules = model_modules(self.base_model)
+        found = {name: m for name, m in modules.items() if matches(name, patterns)}
+        # A module inside another that is saved whole is saved with it.
+        found = {name: m for name, m in found.items() if not any(name.startswith(o + ".") for o in found)}
+        unmatched = [p for p in patterns if not any(matches(name, [p]) for name in found)]
+        if unmatched:
+            children = ", ".join(name for name, _ in self.base_model.named_children())
+            raise RankshareError(f"modules_to_save {unmatched} matched no module; top-level modules are: {children}.")
+        saved = set(found) | set(self._saved())
+        adapted = set(targets) | set(self._hosts())
+        clash = sorted(n for n in saved for t in adapted if n == t or t.startswith(n + ".") or n.startswith(t + "."))
+        if clash:
+            raise RankshareError(f"modules_to_save {clash} overlap the adapted modules; a module is either adapted or "
+                                 "saved whole.")
+        return found
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter: the one used, merged and saved, and the only one that trains."""
+        adapter = self._require(adapter_name)
+        if self._merged_adapter() not in (None, adapter_name):
+            raise RankshareError(f"Adapter {self._merged_adapter()!r} is merged into the base weights; unmerge() "
+                                 f"before switching to {adapter_name!r}.")
+        for other in self._adapters.values():
+            for parameter in other.trains:
+                parameter.requires_grad_(False)
+        for parameter in adapter.trains:
+            parameter.requires_grad_(True)
+        for slot in [*self._hosts().values(), *self._saved().values()]:
+            slot.active = adapter_name
+        self._active = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Take adapter ``adapter_name`` out; refused for the basis of another adapter, or a merged adapter."""
+        adapter = self._require(adapter_name)
+        users = sorted(name for name in self._adapters if name != adapter_name and self.basis_of(name) == adapter_name)
+        if users:
+            raise RankshareError(f"Adapter {adapter_name!r} is the basis of {users}, which use its factors; delete "
+                                 "those first.")
+        if self._merged_adapter() == adapter_name:
+            raise RankshareError(f"Adapter {adapter_name!r} is merged into the base weights; unmerge() it first.")
+        for name, host in self._hosts().items():
+            if adapter_name in host.adapters:
+                del host.adapters[adapter_name]
+            if not host.adapters:
+                self._replace(name, host.base_layer)
+        for name, slot in self._saved().items():
+            if adapter_name in slot.copies:
+                del slot.copies[adapter_name]
+            if not slot.copies:
+                self._replace(name, slot.original)
+        if adapter_name in self.shared:
+            del self.shared[adapter_name]
+        del self._adapters[adapter_name]
+        if self._active == adapter_name:
+            self._active = None
+            if self._adapters:
+                self.set_adapter(next(iter(self._adapters)))
+
+    def _replace(self, name: str, module: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, child, module)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside this context the model computes the base model's outputs (no adapter is applied)."""
+        if self._merged_adapter() is not None:
+            raise RankshareError(f"Adapter {self._merged_adapter()!r} is merged into the base weights, so the base "
+                                 "model cannot be recovered by skipping it; unmerge() first.")
+        slots = [*self._hosts().values(), *self._saved().values()]
+        for slot in slots:
+            slot.disabled = True
+        try:
+            yield self
+        finally:
+            for slot in slots:
+                slot.disabled = False
+
+    # -- calling ------------------------------------------------------------------------------------------
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's forward, with the active adapter, or with ``adapter_names``: one adapter per example
+        (``"__base__"`` for none), each example's output as it would be with that adapter active."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self._mixed(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The base model's ``generate``; ``adapter_names`` as in ``forward``, one per prompt."""
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        with self._mixed(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed(self, adapter_names: list[str], batch_size: int | None):
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise RankshareError("adapter_names must be a list of adapter names, one per example of the batch.")
+        adapter_names = list(adapter_names)
+        unknown = sorted({name for name in adapter_names if name != BASE and name not in self._adapters})
+        if unknown:
+            raise RankshareError(f"adapter_names holds {unknown}, which name no adapter; this model has "
+                                 f"{sorted(self._adapters)} (and {BASE!r} for the base model).")
+        if batch_size is not None and batch_size != len(adapter_names):
+            raise RankshareError(f"adapter_names gives {len(adapter_names)} names for a batch of {batch_size} "
+                                 "examples; give one name per example.")
+        if not adapter_names:
+            raise RankshareError("adapter_names is empty; give one name per example of the batch.")
+        if self._merged_adapter() is not None:
+            raise RankshareError(f"Adapter {self._merged_adapter()!r} is merged into the base weights, so each row "
+                                 "cannot get its own adapter; unmerge() before a mixed batch.")
+        if any(slot.disabled for slot in self._hosts().values()):
+            raise RankshareError("Inside disable_adapter() every example gets the base model; leave out "
+                                 "adapter_names.")
+        rows = MixedRows(adapter_names)
+        slots = [*self._hosts().values(), *self._saved().values()]
+        for slot in slots:
+            slot.rows = rows
+        try:
+            yield
+        finally:
+            for slot in slots:
+                slot.rows = None
 
     # -- parameters ---------------------------------------------------------------------------------------
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor the adapter adds or trains, each once: layer tensors, shared factors, saved modules."""
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor one adapter (the active one by default) adds or trains, each once: its layers' tensors,
+        the shared factors it owns, and its copies of the modules saved whole. A basis it uses is not included."""
+        name = adapter_name or self._require_active()
+        adapter = self._require(name)
         state = {}
-        for name, layer in self.adapter_layers().items():
-            state.update({f"{name}.{key}": p for key, p in layer.adapter_parameters().items()})
-        for key, module in self.shared.items():
-            state.update({f"shared.{key}.{pname}": p for pname, p in module.named_parameters()})
-        for name in self.modules_to_save:
-            module = self.base_model.get_submodule(name)
-            state.update({f"{name}.{key}": t for key, t in module.state_dict().items()})
+        for module, layer in self.adapter_layers(name).items():
+            state.update({f"{module}.{key}": p for key, p in layer.adapter_parameters().items()})
+        for key, shared in (self.shared[name].items() if name in self.shared else []):
+            state.update({f"shared.{key}.{pname}": p for pname, p in shared.named_parameters()})
+        slots = self._saved()
+        for module in adapter.modules_to_save:
+            state.update({f"{module}.{key}": t for key, t in slots[module].copies[name].state_dict().items()})
         return state
 
     def num_trainable_parameters(self) -> int:
@@ -117,113 +355,204 @@ class AdaptedModel(nn.Module):
         share = 100 * trainable / total
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
+    def basis_fingerprint(self, adapter_name: str) -> str:
+        """The sha256 of the shared modules adapter ``adapter_name`` owns (its basis tensors), in key order."""
+        digest = hashlib.sha256()
+        for key, module in sorted(self.shared[adapter_name].items()) if adapter_name in self.shared else []:
+            for pname, tensor in sorted(module.state_dict().items()):
+                digest.update(f"{key}.{pname}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     # -- merging ------------------------------------------------------------------------------------------
 
+    def _merged_adapter(self) -> str | None:
+        return next((host.merged for host in self._hosts().values() if host.merged is not None), None)
+
     def merge(self, gates: torch.Tensor | list[float] | None = None, safe: bool = False) -> None:
-        """Fold every update into its base weight (in place, reversible by ``unmerge``).
+        """Fold the active adapter's update into each base weight (in place, reversible by ``unmerge``).
 
         Mixture methods (MoR, MoE-LoRA) merge only with ``gates``: one weight per expert, used in every layer.
         ``safe=True`` checks every layer before changing any: if one would put NaN or inf into its base weight,
         RankshareError names it and all weights are left exactly as they were.
         """
-        self._merge(self.adapter_layers(), gates, safe)
+        self._merge(gates, safe)
 
-    def _merge(self, layers: dict[str, AdapterLayer], gates, safe: bool) -> None:
+    def _merge(self, gates, safe: bool) -> None:
+        name = self._require_active()
+        hosts = {module: host for module, host in self._hosts().items() if name in host.adapters}
         if safe:
             # All checks come first: undoing a merge by subtraction would not restore the weights bit for bit.
-            for name, layer in layers.items():
-                if not layer.merged:
+            for module, host in hosts.items():
+                if host.merged is None:
                     try:
-                        layer.merged_weight(gates, safe=True)
+                        host.merged_weight(name, gates, safe=True)
                     except RankshareError as error:
-                        raise RankshareError(f"Adapter layer {name!r}: {error} No weight was changed.") from None
-        for layer in layers.values():
-            layer.merge(gates)
+                        raise RankshareError(f"Adapter layer {module!r}: {error} No weight was changed.") from None
+        for host in hosts.values():
+            host.merge(gates)
 
     def unmerge(self) -> None:
-        for layer in self.adapter_layers().values():
-            layer.unmerge()
+        for host in self._hosts().values():
+            host.unmerge()
 
     def merge_and_unload(self, gates: torch.Tensor | list[float] | None = None, safe: bool = False) -> nn.Module:
-        """Merge (``safe`` as in ``merge``), then put each base layer back in place of its adapter layer.
-
-        Returns the base model; if a safe merge refuses, the model stays adapted and unmerged.
-        """
-        self._merge({name: layer for name, layer in self.adapter_layers().items() if not layer.merged}, gates, safe)
+        """Merge the active adapter (``safe`` as in ``merge``), then put the base layers back in place of the
+        adapter layers, with the active adapter's copies of the modules saved whole. Returns the base model;
+        if a safe merge refuses, the model stays adapted and unmerged."""
+        if self._merged_adapter() is None:
+            self._merge(gates, safe)
+        slots = self._saved()
+        for name in self.modules_to_save:
+            slots[name].original = slots[name].copies[self._active]
         return self.unload()
 
     def unload(self) -> nn.Module:
-        """Put each base layer back in place of its adapter layer, as it is now; returns the base model.
-
-        Layers not merged come back with their original weights, so this also takes an adapter out unused.
-        """
-        for name, layer in self.adapter_layers().items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent_name), child, layer.base_layer)
-        self.adapter_names = []
+        """Take every adapter out: each base layer comes back as it is now (merged or not), each saved module as
+        the base model had it. Returns the base model."""
+        for name, host in self._hosts().items():
+            self._replace(name, host.base_layer)
+        for name, slot in self._saved().items():
+            self._replace(name, slot.original)
+        self._adapters, self._active = {}, None
+        self.shared = nn.ModuleDict()
         return self.base_model
 
     # -- persistence --------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter tensors only).
+    def save_pretrained(self, directory: str | Path, adapter_name: str | None = None) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` of one adapter (the active one by
+        default): its tensors only. An adapter on a basis holds its cores and the basis's fingerprint.
 
         Both files replace any earlier ones only once both are written in full; an adapter holding NaN or inf
         is refused rather than saved over a good one.
         """
-        layers = self.adapter_layers()
+        name = adapter_name or self._require_active()
+        adapter = self._require(name)
+        layers = self.adapter_layers(name)
+        owned = self.shared[name] if name in self.shared else {}
         layout = {
-            "modules": {name: list(linear_shape(layer.base_layer)) for name, layer in layers.items()},
-            "shared": {key: [name for name, layer in layers.items() if any(m is shared for m in layer.shared_modules())]
-                       for key, shared in self.shared.items()},
-            "modules_to_save": self.modules_to_save,
+            "modules": {module: list(linear_shape(layer.base_layer)) for module, layer in layers.items()},
+            "shared": {key: [module for module, layer in layers.items()
+                             if any(m is shared for m in layer.shared_modules())] for key, shared in owned.items()},
+            "modules_to_save": adapter.modules_to_save,
             "base_model_class": type(self.base_model).__name__,
         }
-        persistence.save_adapter(Path(directory), self.adapter_config, self.adapter_state_dict(), layout)
+        basis = adapter.config.basis_name()
+        if basis is not None:
+            layout["basis_fingerprint"] = self.basis_fingerprint(basis)
+        persistence.save_adapter(Path(directory), adapter.config, self.adapter_state_dict(name), layout)
 
-    def load_adapter_weights(self, directory: str | Path) -> None:
-        """Copy the tensors of an adapter saved by ``save_pretrained`` into this model, in place.
-
-        For resuming training: the saved adapter must have this model's config and modules. Both files are
-        checked as ``from_pretrained`` checks them, and a refused load changes no tensor.
-        """
+    def load_adapter_weights(self, directory: str | Path, adapter_name: str | None = None) -> None:
+        """Copy the tensors of an adapter saved by ``save_pretrained`` into adapter ``adapter_name`` (the active
+        one by default), in place: for resuming training. The saved adapter must have its config and modules;
+        both files are checked as ``load_adapter`` checks them, and a refused load changes no tensor."""
         directory = Path(directory)
+        name = adapter_name or self._require_active()
+        adapter = self._require(name)
         record, saved_config = persistence.read_adapter(directory)
-        if saved_config != self.adapter_config or sorted(record["modules"]) != sorted(self.adapter_names):
+        if saved_config != adapter.config or sorted(record["modules"]) != sorted(adapter.modules):
             raise RankshareError(
-                f"The adapter in {directory} was saved with another config or other modules than this model's "
-                f"({record['config']} on {len(record['modules'])} modules; this model: {self.adapter_config.to_dict()} "
-                f"on {len(self.adapter_names)}). Load it into a fresh base model with AdaptedModel.from_pretrained()."
+                f"The adapter in {directory} was saved with another config or other modules than adapter {name!r} "
+                f"({record['config']} on {len(record['modules'])} modules; here: {adapter.config.to_dict()} on "
+                f"{len(adapter.modules)}). Load it as a new adapter with load_adapter()."
             )
         tensors = persistence.read_weights(directory, record)
-        persistence.copy_tensors(self.adapter_state_dict(), tensors, directory / persistence.WEIGHTS_NAME)
+        persistence.copy_tensors(self.adapter_state_dict(name), tensors, directory / persistence.WEIGHTS_NAME)
 
-    @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory: str | Path, is_trainable: bool = False) -> AdaptedModel:
-        """Adapt ``base_model`` as recorded in ``directory`` and load the saved tensors.
+    def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False,
+                     basis: str | None = None) -> None:
+        """Add the adapter saved in ``directory`` under ``adapter_name`` (not activated: see ``set_adapter``).
 
-        The adapter is frozen for inference unless ``is_trainable``. Files that do not fit each other or
-        ``base_model`` raise RankshareError and leave ``base_model`` as it was.
+        An adapter saved on a basis needs that basis loaded first, with the same factors: ``basis`` names it
+        here if it is loaded under another name than the one it was saved with. It is frozen unless
+        ``is_trainable``. Files that do not fit each other or this model raise RankshareError and leave the
+        model as it was.
         """
         directory = Path(directory)
         config_path = directory / persistence.CONFIG_NAME
         record, config = persistence.read_adapter(directory)
-        persistence.check_base_model(base_model, record["modules"], config_path)
+        persistence.check_base_model(model_modules(self.base_model), record["modules"], config_path)
         tensors = persistence.read_weights(directory, record)
+        saved_basis = config.basis_name()
+        if saved_basis is not None:
+            config = dataclasses.replace(config, basis=basis or saved_basis)
+            self._check_basis(config.basis_name(), saved_basis, record, config_path)
+        elif basis is not None:
+            raise RankshareError(f"{config_path} is not an adapter on a basis; leave out basis={basis!r}.")
 
-        requires_grad = {parameter: parameter.requires_grad for parameter in base_model.parameters()}
-        model = None
+        active, requires_grad = self._active, {p: p.requires_grad for p in self.parameters()}
+        self.add_adapter(adapter_name, config, record["modules_to_save"] or None)
         try:
-            model = adapt(base_model, config, modules_to_save=record["modules_to_save"] or None)
-            persistence.check_adapted_modules(model.adapter_names, record["modules"], config_path)
-            persistence.copy_tensors(model.adapter_state_dict(), tensors, directory / persistence.WEIGHTS_NAME)
+            persistence.check_adapted_modules(self._adapters[adapter_name].modules, record["modules"], config_path)
+            persistence.copy_tensors(self.adapter_state_dict(adapter_name), tensors,
+                                     directory / persistence.WEIGHTS_NAME)
         except Exception:
-            # Give the caller's model back as it came, so that it can be used, or loaded into, again.
-            if model is not None:
-                model.unload()
+            self._forget(adapter_name, active, requires_grad)
+            raise
+        if not is_trainable:
+            for parameter in self._adapters[adapter_name].trains:
+                parameter.requires_grad_(False)
+            self._adapters[adapter_name].trains = []
+
+    def _check_basis(self, basis: str, saved_as: str, record: dict, config_path: Path) -> None:
+        origin = f"the basis it was trained on (saved as {saved_as!r})"
+        if basis not in self._adapters:
+            raise RankshareError(
+                f"{config_path} is an adapter on basis {basis!r}, which this model does not have (it has "
+                f"{sorted(self._adapters) or 'none'}). Load {origin} first, e.g. load_adapter(folder, {basis!r})."
+            )
+        if record.get("basis_fingerprint") != self.basis_fingerprint(basis):
+            raise RankshareError(
+                f"{config_path} was trained on other factors than those of adapter {basis!r} loaded here: the basis "
+                f"fingerprints differ. Load {origin} under that name, unchanged since the adapter was trained."
+            )
+
+    def _forget(self, adapter_name: str, active: str | None, requires_grad: dict) -> None:
+        """Undo an ``add_adapter`` that a load could not complete: the model as it was before."""
+        if self._active == adapter_name:  # it was the first adapter
+            self._active = None
+        self.delete_adapter(adapter_name)
+        if active is not None:
+            self.set_adapter(active)
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad_(flag)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | Path, adapter_name: str = "default",
+                        is_trainable: bool = False) -> AdaptedModel:
+        """``base_model`` with the adapter saved in ``directory`` loaded as ``adapter_name`` and active.
+
+        The adapter is frozen for inference unless ``is_trainable``. Files that do not fit each other or
+        ``base_model`` raise RankshareError and leave ``base_model`` as it was.
+        """
+        if isinstance(base_model, AdaptedModel) or any(isinstance(m, (AdaptedLinear, SavedModule))
+                                                       for m in base_model.modules()):
+            raise RankshareError("This model already has rankshare adapters; load the adapter into the original base "
+                                 "model, or add it with model.load_adapter(directory, name).")
+        requires_grad = {parameter: parameter.requires_grad for parameter in base_model.parameters()}
+        model = cls(base_model)
+        try:
+            model.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+        except Exception:
             for parameter, flag in requires_grad.items():
                 parameter.requires_grad_(flag)
             raise
+        model.set_adapter(adapter_name)
         if not is_trainable:
-            model.requires_grad_(False)  # otherwise adapt() has already chosen what trains
+            model.requires_grad_(False)
         return model
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name or name == BASE:
+        raise RankshareError(f"An adapter name must be a non-empty string without '.' and not {BASE!r}, got "
+                             f"{name!r}.")
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The number of examples in a call's inputs, where it can be told (the first tensor argument's rows)."""
+    for value in [kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args, *kwargs.values()]:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None

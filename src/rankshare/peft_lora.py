@@ -29,12 +29,12 @@ class PeftLoraConfig(ExternalAdapterConfig):
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
         return sum(self.rank * (d_in + d_out) for d_out, d_in in shapes.values())
 
-    def attach(self, model: nn.Module, modules_to_save: list[str]) -> nn.Module:
+    def attach(self, model: nn.Module, modules_to_save: list[str], adapter_name: str = "default") -> nn.Module:
         import peft
 
         config = peft.LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0,
                                  target_modules=self.target_modules, modules_to_save=modules_to_save or None)
-        return peft.get_peft_model(model, config)
+        return peft.get_peft_model(model, config, adapter_name=adapter_name)
 
     @classmethod
     def load(cls, base_model: nn.Module, directory: str, is_trainable: bool = False) -> nn.Module:

@@ -33,7 +33,7 @@ from torch import nn
 from .atomic_files import replace_together
 from .config import AdapterConfig
 from .errors import RankshareError
-from .layer import AdapterLayer, is_supported, linear_shape
+from .layer import is_supported, linear_shape
 from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
@@ -141,20 +141,16 @@ def _record_sha256(record: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
-def check_base_model(base_model: nn.Module, modules: dict[str, list[int]], config_path: Path) -> None:
-    """Every recorded module exists in ``base_model`` as a linear layer of the recorded shape."""
-    if any(isinstance(m, AdapterLayer) for m in base_model.modules()):
-        raise RankshareError(
-            "This model already has rankshare adapters; load the adapter into the original base model."
-        )
+def check_base_model(base_modules: dict[str, nn.Module], modules: dict[str, list[int]], config_path: Path) -> None:
+    """Every recorded module is a linear layer of the recorded shape among ``base_modules`` (name -> module, as
+    the base model has them)."""
     for name, shape in modules.items():
-        try:
-            module = base_model.get_submodule(name)
-        except AttributeError:
+        module = base_modules.get(name)
+        if module is None:
             raise RankshareError(
                 f"{config_path} records an adapted module {name!r}, which this base model lacks; load the adapter "
                 "into the model it was trained on."
-            ) from None
+            )
         if not is_supported(module):
             raise RankshareError(
                 f"{config_path} records {name!r} as a linear layer, but in this base model it is a "

@@ -7,7 +7,8 @@ import re
 from torch import nn
 
 from .errors import RankshareError
-from .layer import AdapterLayer, is_supported, linear_shape
+from .layer import is_supported, linear_shape
+from .slots import AdaptedLinear, SavedModule
 
 
 def matches(name: str, patterns: list[str] | str) -> bool:
@@ -22,13 +23,29 @@ def masked_name(name: str) -> str:
     return ".".join("*" if part.isdigit() else part for part in name.split("."))
 
 
+def model_modules(model: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+    """The model's modules by name as the base model has them: a layer holding adapters stands for its base layer,
+    a module saved per adapter for its original, and nothing inside either is listed."""
+    found = {}
+    for name, child in model.named_children():
+        full = f"{prefix}{name}"
+        if isinstance(child, AdaptedLinear):
+            found[full] = child.base_layer
+        elif isinstance(child, SavedModule):
+            found[full] = child.original
+            found.update(model_modules(child.original, full + "."))
+        else:
+            found[full] = child
+            found.update(model_modules(child, full + "."))
+    return found
+
+
 def find_targets(model: nn.Module, patterns: list[str] | str) -> dict[str, nn.Module]:
     """The modules ``patterns`` names, in model order; each must be a supported linear layer."""
-    if any(isinstance(m, AdapterLayer) for m in model.modules()):
-        raise RankshareError("This model already has rankshare adapters; adapt the original base model instead.")
-    targets = {name: module for name, module in model.named_modules() if name and matches(name, patterns)}
+    modules = model_modules(model)
+    targets = {name: module for name, module in modules.items() if matches(name, patterns)}
     if not targets:
-        linear = sorted({masked_name(n) for n, m in model.named_modules() if is_supported(m)})
+        linear = sorted({masked_name(n) for n, m in modules.items() if is_supported(m)})
         shown = ", ".join(linear[:30]) + (f", … ({len(linear)} in all)" if len(linear) > 30 else "")
         raise RankshareError(
             f"No module matched target_modules={patterns!r}. "

@@ -24,6 +24,7 @@ from ..atomic_files import replace_file
 from ..config import AdapterConfig, method_class
 from ..errors import RankshareError
 from ..mixture import MixtureLayer
+from ..slots import AdaptedLinear
 from . import distributed
 from .data import DataSplits, Example
 from .objectives import Objective
@@ -186,7 +187,9 @@ class RouterTracker:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, MixtureLayer)]
+        # The hooks go on the slots that hold the routers: a slot calls its active adapter's methods directly.
+        self.layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)
+                       and isinstance(m.adapters[m.active] if m.active in m.adapters else None, MixtureLayer)]
         self.sums: dict[str, torch.Tensor] = {}  # task -> (layers, N)
         self.counts: dict[str, float] = {}  # task -> tokens seen by each layer
         self.current: tuple[torch.Tensor, list[str]] | None = None
@@ -203,7 +206,7 @@ class RouterTracker:
         if self.current is None:
             return
         mask, tasks = self.current
-        gates = layer.router_probs(args[0]).detach()  # (B, T, N)
+        gates = layer.adapters[layer.active].router_probs(args[0]).detach()  # (B, T, N)
         weighted = (gates * mask.unsqueeze(-1)).sum(1).cpu()  # (B, N)
         i = self.index[id(layer)]
         for row, task in enumerate(tasks):

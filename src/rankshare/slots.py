@@ -1,0 +1,183 @@
+"""Where a model holds its adapters: a base layer with named updates (``AdaptedLinear``) and a module trained whole
+with one copy per adapter (``SavedModule``). One adapter is active, or, in a mixed batch (``MixedRows``), each row
+of the batch has its own.
+
+Nothing here knows a method's math: every update answers the ``AdapterLayer`` interface.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from .errors import RankshareError
+from .layer import dense_weight, linear_shape
+
+
+class MixedRows:
+    """The adapter of each row of a mixed batch (``"__base__"``: none), as index tensors per adapter name.
+
+    A batch with k times as many rows as names (generation with k sequences per prompt) gives each name k
+    consecutive rows, as ``repeat_interleave`` does.
+    """
+
+    BASE = "__base__"
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self._cache: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
+
+    def groups(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """``{adapter name: rows}`` for a batch of ``batch_size`` rows, "__base__" left out."""
+        key = (batch_size, device)
+        if key not in self._cache:
+            if batch_size % len(self.names):
+                raise RankshareError(
+                    f"adapter_names gives {len(self.names)} names, but a layer received a batch of {batch_size} "
+                    "rows; give one name per example of the batch."
+                )
+            repeat = batch_size // len(self.names)
+            rows: dict[str, list[int]] = {}
+            for row in range(batch_size):
+                rows.setdefault(self.names[row // repeat], []).append(row)
+            rows.pop(self.BASE, None)
+            self._cache[key] = {name: torch.tensor(r, device=device) for name, r in rows.items()}
+        return self._cache[key]
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen base layer with named adapters: ``y = base_layer(x) + s · ΔW_active x``.
+
+    ``active`` names the adapter in use (None: the base layer alone); ``merged`` the adapter folded into the
+    base weight, if any. While ``rows`` is set (a mixed batch), each row gets its own adapter's update
+    instead, and rows whose adapter does not adapt this layer get the base output.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        linear_shape(base_layer)  # refuses unsupported types
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+        self.rows: MixedRows | None = None
+        self.merged: str | None = None
+        self._merged_gates: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.rows is not None:
+            return out + self._mixed_update(x, out)
+        if self.disabled or self.merged is not None or self.active not in self.adapters:
+            return out
+        return out + self.adapters[self.active].update(x, out)
+
+    def _mixed_update(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # Adapters with one batch key (LoTR adapters on one basis) run together; each other adapter on its rows.
+        groups = self.rows.groups(x.shape[0], x.device)
+        together: dict[object, list[str]] = {}
+        for name in groups:
+            if name in self.adapters:
+                key = self.adapters[name].batch_key()
+                together.setdefault(("key", key) if key is not None else ("name", name), []).append(name)
+        update = torch.zeros_like(out)
+        for names in together.values():
+            layers = [self.adapters[name] for name in names]
+            rows = torch.cat([groups[name] for name in names])
+            choice = torch.cat([torch.full_like(groups[name], i) for i, name in enumerate(names)])
+            inputs = x[rows].to(layers[0].dtype)
+            part = layers[0].adapter_forward(inputs) if len(layers) == 1 else type(layers[0]).forward_rows(
+                layers, inputs, choice)
+            update.index_add_(0, rows, part.to(out.dtype))
+        return update
+
+    @torch.no_grad()
+    def merged_weight(self, name: str, gates: torch.Tensor | None = None, safe: bool = False) -> torch.Tensor:
+        """``W + s · ΔW`` of adapter ``name`` as (d_out, d_in), formed aside; ``safe`` refuses NaN or inf in it."""
+        weight = dense_weight(self.base_layer)
+        merged = weight + self.adapters[name].delta_weight(gates).to(weight)
+        if safe and not torch.isfinite(merged).all():
+            raise RankshareError(
+                f"Merging this {weight.shape[0]}×{weight.shape[1]} adapter layer would put NaN or inf into its "
+                f"{weight.dtype} base weight (the update s·ΔW is not finite, or overflows {weight.dtype}); the "
+                "weight is unchanged. Retrain or reload a finite adapter, or merge into a wider dtype."
+            )
+        return merged
+
+    @torch.no_grad()
+    def merge(self, gates: torch.Tensor | None = None, safe: bool = False) -> None:
+        """Fold the active adapter's ``s · ΔW`` into the base weight, in place (``safe``: see ``merged_weight``)."""
+        if self.merged is not None:
+            warnings.warn(f"Adapter {self.merged!r} is already merged into this layer; nothing to do.", stacklevel=2)
+            return
+        if self.active not in self.adapters:
+            return
+        dense_weight(self.base_layer).copy_(self.merged_weight(self.active, gates, safe))
+        self.merged, self._merged_gates = self.active, gates
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the merged update back out of the base weight."""
+        if self.merged is None:
+            return
+        weight = dense_weight(self.base_layer)
+        weight -= self.adapters[self.merged].delta_weight(self._merged_gates).to(weight)
+        self.merged, self._merged_gates = None, None
+
+    def extra_repr(self) -> str:
+        return f"active={self.active!r}" + (f", merged={self.merged!r}" if self.merged else "")
+
+
+class SavedModule(nn.Module):
+    """A module that trains whole beside the adapters (e.g. a classification head): each adapter has its own copy.
+
+    ``original`` is the base model's module, used with no adapter active, inside ``disable_adapter()``, and for
+    rows of a mixed batch whose adapter has no copy. In a mixed batch, outputs whose last dimension differs
+    (heads over different label sets) are padded to the widest with -inf: a label a head lacks is impossible.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+        self.rows: MixedRows | None = None
+
+    def add_copy(self, name: str) -> nn.Module:
+        self.copies[name] = copy.deepcopy(self.original)
+        return self.copies[name]
+
+    def __getattr__(self, name: str):
+        # Code that reads e.g. ``model.score.weight`` finds the module in use.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original", "copies"):
+                raise
+            return getattr(self.current(), name)
+
+    def current(self) -> nn.Module:
+        return self.original if self.disabled or self.active not in self.copies else self.copies[self.active]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.rows is None:
+            return self.current()(x, *args, **kwargs)
+        groups = self.rows.groups(x.shape[0], x.device)
+        parts = [(rows, self.copies[name](x[rows], *args, **kwargs)) for name, rows in groups.items()
+                 if name in self.copies]
+        covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for rows, _ in parts:
+            covered[rows] = True
+        if not covered.all():
+            rest = (~covered).nonzero().squeeze(1)
+            parts.append((rest, self.original(x[rest], *args, **kwargs)))
+        width = max(part.shape[-1] for _, part in parts)
+        first = parts[0][1]
+        out = first.new_full((x.shape[0], *first.shape[1:-1], width), -torch.inf)
+        for rows, part in parts:
+            out[rows, ..., : part.shape[-1]] = part
+        return out

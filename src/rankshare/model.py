@@ -484,6 +484,13 @@ class AdaptedModel(nn.Module):
         active, requires_grad = self._active, {p: p.requires_grad for p in self.parameters()}
         self.add_adapter(adapter_name, config, record["modules_to_save"] or None)
         try:
+            slots, adapter = self._saved(), self._adapters[adapter_name]
+            for module in record["modules_to_save"]:
+                if _fit_linear_heads(slots[module].copies[adapter_name], tensors, module):
+                    present = {id(p) for p in self.parameters()}
+                    adapter.trains = [p for p in adapter.trains if id(p) in present]
+                    adapter.trains += list(slots[module].copies[adapter_name].parameters())
+                    slots[module].copies[adapter_name].requires_grad_(self._active == adapter_name)
             persistence.check_adapted_modules(self._adapters[adapter_name].modules, record["modules"], config_path)
             persistence.copy_tensors(self.adapter_state_dict(adapter_name), tensors,
                                      directory / persistence.WEIGHTS_NAME)
@@ -542,6 +549,27 @@ class AdaptedModel(nn.Module):
         if not is_trainable:
             model.requires_grad_(False)
         return model
+
+
+def _fit_linear_heads(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> bool:
+    """Give each nn.Linear in a saved module as many outputs as its stored weight has: a classification head over
+    another label set than the base model's (each adapter has its own). Any other difference stays an error.
+    Returns whether a layer changed."""
+    changed = False
+    for name, linear in list(module.named_modules()):
+        weight = tensors.get(".".join(filter(None, (prefix, name, "weight"))))
+        if not isinstance(linear, nn.Linear) or weight is None or weight.dim() != 2:
+            continue
+        if weight.shape[1] == linear.in_features and weight.shape[0] != linear.out_features:
+            resized = nn.Linear(linear.in_features, weight.shape[0], bias=linear.bias is not None,
+                                device=linear.weight.device, dtype=linear.weight.dtype)
+            if name:
+                parent_name, _, child = name.rpartition(".")
+                setattr(module.get_submodule(parent_name) if parent_name else module, child, resized)
+            else:
+                linear.weight, linear.bias, linear.out_features = resized.weight, resized.bias, resized.out_features
+            changed = True
+    return changed
 
 
 def _check_name(name: str) -> None:

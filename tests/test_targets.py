@@ -15,7 +15,8 @@ def test_suffix_and_regex_select_the_same_modules():
     by_suffix = rs.adapt(base_model(FAMILIES["llama"]), rs.LotrConfig(rank=2, target_modules=["q_proj"]))
     regex = r"model\.layers\.\d+\.self_attn\.q_proj"
     by_regex = rs.adapt(base_model(FAMILIES["llama"]), rs.LotrConfig(rank=2, target_modules=regex))
-    assert by_suffix.targeted_module_names == by_regex.targeted_module_names == [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
+    expected = [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
+    assert by_suffix.targeted_module_names == by_regex.targeted_module_names == expected
     first_layer = rs.MorConfig(rank=2, target_modules=r"model\.layers\.0\..*_proj")
     only_first = rs.adapt(base_model(FAMILIES["llama"]), first_layer)
     assert len(only_first.targeted_module_names) == 7

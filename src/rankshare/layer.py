@@ -8,7 +8,6 @@ keeps it as ``(d_in, d_out)``. Adapters always speak ``(d_out, d_in)``.
 from __future__ import annotations
 
 import sys
-import warnings
 
 import torch
 from torch import nn

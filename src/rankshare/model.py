@@ -237,7 +237,7 @@ class AdaptedModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Take adapter ``adapter_name`` out; refused for the basis of another adapter, or a merged adapter."""
-        adapter = self._require(adapter_name)
+        self._require(adapter_name)
         users = sorted(name for name in self._adapters if name != adapter_name and self.basis_of(name) == adapter_name)
         if users:
             raise RankshareError(f"Adapter {adapter_name!r} is the basis of {users}, which use its factors; delete "

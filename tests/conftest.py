@@ -120,3 +120,17 @@ def tiny_bert(tmp_path_factory) -> Path:
     BertForSequenceClassification(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_model("minilm").path).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer LLaMA causal LM (a local folder), with MiniLM's word pieces as its tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm").path)
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 import rankshare as rs
 from rankshare.cli import main
-from rankshare.finetune.models import resolve_model
 
 WORDS = {
     "sports": "match goal team score win league player coach season",
@@ -205,22 +204,6 @@ def test_existing_out_is_never_overwritten(tiny_bert, topics_csv, tmp_path, caps
     assert cli("train", *common(tiny_bert, topics_csv), "--out", out) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "metrics.json").read_text() == '{"precious": true}'
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    """A 2-layer LLaMA causal LM (a local folder), with MiniLM's word pieces as its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm").path)
-    tokenizer.eos_token = "[SEP]"
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_causal_lm_learns_text_to_label(tiny_llama, topics_csv, tmp_path):

@@ -11,7 +11,7 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from .config import methods
@@ -21,6 +21,9 @@ from .finetune.train import Settings
 
 DESCRIPTION = """Fine-tune pretrained models with LoTR, MoR, MoE-LoRA or PEFT's LoRA and compare them.
 Defaults: the packaged all-MiniLM-L6-v2 on BBC News topics + tweet sentiment, offline."""
+
+
+DEFAULT_MODEL = "minilm"
 
 
 class Parser(argparse.ArgumentParser):
@@ -114,8 +117,9 @@ def _finite_float(text: str) -> float:
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("model and data")
-    data.add_argument("--model", default="minilm", help="minilm (packaged all-MiniLM-L6-v2), smollm2 (packaged "
-                      "SmolLM2-135M, 30 layers), a local transformers folder, or a hub id (default: %(default)s)")
+    # Left out, it is None: minilm, or a --basis run's own model.
+    data.add_argument("--model", help="minilm (packaged all-MiniLM-L6-v2), smollm2 (packaged SmolLM2-135M, 30 "
+                      f"layers), a local transformers folder, or a hub id (default: {DEFAULT_MODEL})")
     data.add_argument("--data", default="news+sentiment", help="news (BBC News, 5 topics), sentiment (tweets, 3 "
                       "classes), news+sentiment (multi-task), a .csv/.jsonl file, or a datasets hub name "
                       "(default: %(default)s)")
@@ -175,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     names = list(methods())
     train.add_argument("--method", choices=names, default="lotr", help=f"one of {', '.join(names)} (lora is PEFT's) "
                        "(default: %(default)s)")
+    train.add_argument("--basis", metavar="DIR", help="train only LoTR cores on the frozen factors of a trained "
+                       "LoTR run (its --out, or a compare's lotr folder); the model, target modules, share and rank "
+                       "are that run's")
     _add_job_arguments(train)
 
     compare = commands.add_parser("compare", help="train several methods on the same data, seed and schedule",
@@ -203,6 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--gates", help="mor/moelora only: N comma-separated gate weights, or a task name to use its "
                        "mean routing")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+    predict = commands.add_parser("predict", help="predict each row of a file with its task's adapter, several "
+                                  "adapters on one base model", description="Load one base model with every "
+                                  "--adapter and predict each row with the adapter its task column names; rows of "
+                                  "different tasks share each batch. Writes one JSON object per row, in order: its "
+                                  "task, the adapter and the prediction (a label name, or generated text for a plain "
+                                  "language model).")
+    predict.add_argument("--adapter", type=_named_run, action="append", required=True, metavar="TASK=DIR",
+                         help="a task name and a train run's --out (or a compare's method folder); repeat for each "
+                         "task. A run on a --basis finds it among these adapters, or where it was trained")
+    predict.add_argument("--data", type=Path, required=True, help="a .csv or .jsonl file of rows to predict")
+    predict.add_argument("--task-column", default="task",
+                         help="the column naming each row's task, i.e. its adapter (default: %(default)s)")
+    predict.add_argument("--text-column", default="text", help="(default: %(default)s)")
+    predict.add_argument("--out", type=Path, required=True, help="the predictions file (.jsonl), replaced whole")
+    predict.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
+    predict.add_argument("--max-new-tokens", type=_positive_int, default=20,
+                         help="plain language models: tokens generated per row (default: %(default)s)")
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--quiet", action="store_true")
 
     bench = commands.add_parser("bench",
                                 help="measure time, memory and file size against PEFT LoRA and the frozen base",
@@ -251,7 +278,7 @@ def _run_study(args) -> None:
 
 
 def _job_from_args(args):
-    from .finetune.runs import Job
+    from .finetune.runs import Job, job_on_basis
 
     settings = {f.name: getattr(args, f.name) for f in fields(Settings) if f.name != "adapter"}
     targets = args.target_modules
@@ -274,11 +301,14 @@ def _job_from_args(args):
             owners = ", ".join(declared[name][1])
             raise RankshareError(f"--{name.replace('_', '-')} is an option of {owners}, not of {', '.join(chosen)}; "
                                  "leave it out or choose a method that takes it.")
-    return Job(methods=chosen, model=args.model, data=args.data, objective=args.objective, text_column=args.text_column,
-               label_column=args.label_column, max_train=args.max_train, max_eval=args.max_eval,
-               max_length=args.max_length, rank=args.rank, budget=None if args.rank is not None else args.budget,
-               device=args.device, alpha=args.alpha, target_modules=targets or None, options=options,
-               settings=settings)
+    job = Job(methods=chosen, model=args.model, data=args.data, objective=args.objective, text_column=args.text_column,
+              label_column=args.label_column, max_train=args.max_train, max_eval=args.max_eval,
+              max_length=args.max_length, rank=args.rank, budget=None if args.rank is not None else args.budget,
+              device=args.device, alpha=args.alpha, target_modules=targets or None, options=options,
+              settings=settings)
+    if getattr(args, "basis", None) is not None:
+        return job_on_basis(job, args.basis)
+    return replace(job, model=job.model or DEFAULT_MODEL)
 
 
 def _run_training(args) -> None:
@@ -322,6 +352,13 @@ def _run_training(args) -> None:
         print(f"results in {out}", file=sys.stderr)
 
 
+def _named_run(text: str) -> tuple[str, Path]:
+    name, equals, folder = text.partition("=")
+    if not equals or not name.strip() or not folder.strip():
+        raise argparse.ArgumentTypeError(f"expected TASK=DIR (e.g. news=runs/news), got {text!r}")
+    return name.strip(), Path(folder.strip())
+
+
 def _gates(text: str | None):
     if text is None:
         return None
@@ -351,6 +388,13 @@ def main(argv: list[str] | None = None) -> int:
                               say=lambda text: print(text, file=sys.stderr))
             print(markdown(bench))
             print(f"results in {out}", file=sys.stderr)
+        elif args.command == "predict":
+            from .finetune.predict import predict_file
+
+            done = predict_file(args.adapter, args.data, args.out, args.text_column, args.task_column,
+                                args.batch_size, args.device, args.quiet, args.max_new_tokens)
+            print(f"{done['rows']} predictions in {args.out}: {done['rows_per_second']:.1f} rows/s "
+                  f"({done['predict_seconds']:.1f} s; loading took {done['load_seconds']:.1f} s)", file=sys.stderr)
         elif args.command == "eval":
             from .finetune.runs import evaluate_run
 

@@ -357,8 +357,12 @@ class AdaptedModel(nn.Module):
 
     def basis_fingerprint(self, adapter_name: str) -> str:
         """The sha256 of the shared modules adapter ``adapter_name`` owns (its basis tensors), in key order."""
+        self._require(adapter_name)
+        if adapter_name not in self.shared:
+            raise RankshareError(f"Adapter {adapter_name!r} owns no shared factors, so it is no basis; a basis is a "
+                                 "LoTR adapter with factors of its own.")
         digest = hashlib.sha256()
-        for key, module in sorted(self.shared[adapter_name].items()) if adapter_name in self.shared else []:
+        for key, module in sorted(self.shared[adapter_name].items()):
             for pname, tensor in sorted(module.state_dict().items()):
                 digest.update(f"{key}.{pname}:{tuple(tensor.shape)}".encode())
                 digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

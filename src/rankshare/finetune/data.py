@@ -169,6 +169,14 @@ def _decode(raw: bytes) -> str:
 
 
 def _file_task(path: Path, text_column: str, label_column: str) -> Task:
+    records = read_rows(path, {"--text-column": text_column, "--label-column": label_column})
+    rows = [(record.get(text_column), record.get(label_column)) for record in records]
+    return _make_task(path.stem, rows, where=f"'{path}'")
+
+
+def read_rows(path: Path, columns: dict[str, str]) -> list[dict]:
+    """The rows of a .csv or .jsonl file as dicts, in file order; ``columns`` maps each option that names a
+    column (``--text-column``) to the column, which the file must have."""
     if not path.is_file():
         raise RankshareError(f"'{path}' is not a file; give a .csv or .jsonl file.")
     suffix = path.suffix.lower()
@@ -177,17 +185,16 @@ def _file_task(path: Path, text_column: str, label_column: str) -> Task:
             f"Cannot read '{path}': only .csv and .jsonl (one JSON object per line) files are supported, "
             f"not '{suffix}'."
         )
-    records, columns = _read_csv(path) if suffix == ".csv" else _read_jsonl(path)
+    records, found = _read_csv(path) if suffix == ".csv" else _read_jsonl(path)
     if not records:
         raise RankshareError(f"'{path}' has no rows; it needs one example per row.")
-    for column in (text_column, label_column):
-        if column not in columns:
+    for column in columns.values():
+        if column not in found:
             raise RankshareError(
-                f"'{path}' has no column '{column}'; its columns are {', '.join(map(repr, columns))} — "
-                f"name the right ones with --text-column / --label-column."
+                f"'{path}' has no column '{column}'; its columns are {', '.join(map(repr, found))} — "
+                f"name the right ones with {' / '.join(columns)}."
             )
-    rows = [(record.get(text_column), record.get(label_column)) for record in records]
-    return _make_task(path.stem, rows, where=f"'{path}'")
+    return records
 
 
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:

@@ -38,6 +38,18 @@ def _attention_mask(rows: list[list[int]]) -> torch.Tensor:
     return _pad([[1] * len(r) for r in rows], 0)
 
 
+def padded(rows: list[list[int]], pad_token_id: int, device) -> dict[str, torch.Tensor]:
+    """Token rows padded on the right: ``input_ids`` and ``attention_mask``, (B, longest row)."""
+    return {"input_ids": _pad(rows, pad_token_id).to(device), "attention_mask": _attention_mask(rows).to(device)}
+
+
+def token_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(token t+1 | tokens ≤ t) at every labelled position, 0 elsewhere: (B, T-1)."""
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    # cross_entropy picks each target's log-probability without a (B, T, V) log-softmax; 0 where ignored
+    return -F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")
+
+
 class Objective:
     # A causal LM's prompt is followed by more text, so it takes no end-of-sequence tokens of its own.
     special_tokens = True
@@ -87,11 +99,7 @@ class Objective:
         return result
 
     def _token_log_likelihoods(self, model, inputs: dict, examples: list[Example]) -> torch.Tensor:
-        """log p(token t+1 | tokens ≤ t) at every labelled position, 0 elsewhere: (B, T-1)."""
-        logits = self.forward(model, inputs, examples).logits[:, :-1].float()  # (B, T-1, V)
-        # cross_entropy picks each target's log-probability without a (B, T, V) log-softmax; 0 where ignored
-        nll = F.cross_entropy(logits.transpose(1, 2), inputs["labels"][:, 1:], ignore_index=IGNORE, reduction="none")
-        return -nll
+        return token_log_likelihoods(self.forward(model, inputs, examples).logits, inputs["labels"])
 
 
 class SequenceClassification(Objective):
@@ -111,9 +119,7 @@ class SequenceClassification(Objective):
 
     def batch(self, examples, device) -> Batch:
         rows = self.encode([e.text for e in examples], self.max_length)
-        inputs = {"input_ids": _pad(rows, self.tokenizer.pad_token_id).to(device),
-                  "attention_mask": _attention_mask(rows).to(device)}
-        return Batch(inputs, examples)
+        return Batch(padded(rows, self.tokenizer.pad_token_id, device), examples)
 
     def _task_logits(self, model, batch: Batch) -> torch.Tensor:
         logits = self.forward(model, batch.inputs, batch.examples).logits.float()
@@ -157,22 +163,20 @@ class TextToLabel(Objective):
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _prompts(self, examples) -> list[list[int]]:
-        texts = self.encode([e.text for e in examples], self.text_budget)
-        return [ids + self.suffixes[e.task] for ids, e in zip(texts, examples)]
+    def prompts(self, texts: list[str], tasks: list[str]) -> list[list[int]]:
+        """``{text}\\n{task}:`` as token ids, the text cut to leave room for the longest label."""
+        return [ids + self.suffixes[task] for ids, task in zip(self.encode(texts, self.text_budget), tasks)]
 
-    def _sequences(self, prompts, answers, device) -> dict:
+    def sequences(self, prompts, answers, device) -> dict:
+        """Each prompt followed by its answer, padded; ``labels`` marks the answer's tokens alone."""
         rows = [p + a for p, a in zip(prompts, answers)]
         labels = [[IGNORE] * len(p) + a for p, a in zip(prompts, answers)]
-        return {
-            "input_ids": _pad(rows, self.tokenizer.pad_token_id).to(device),
-            "attention_mask": _attention_mask(rows).to(device),
-            "labels": _pad(labels, IGNORE).to(device),
-        }
+        return {**padded(rows, self.tokenizer.pad_token_id, device), "labels": _pad(labels, IGNORE).to(device)}
 
     def batch(self, examples, device) -> Batch:
         answers = [self.answers[e.task][e.label] + [self.tokenizer.eos_token_id] for e in examples]
-        return Batch(self._sequences(self._prompts(examples), answers, device), examples)
+        prompts = self.prompts([e.text for e in examples], [e.task for e in examples])
+        return Batch(self.sequences(prompts, answers, device), examples)
 
     def loss(self, model, batch) -> torch.Tensor:
         return model(**batch.inputs).loss
@@ -181,12 +185,12 @@ class TextToLabel(Objective):
     def tally(self, model, examples, batch_size, device, progress=None) -> dict:
         # Score every (example, candidate label) pair by the summed log-probability of the label's tokens.
         pairs = [(i, k) for i, e in enumerate(examples) for k in range(len(self.tasks[e.task]))]
-        prompts = self._prompts(examples)
+        prompts = self.prompts([e.text for e in examples], [e.task for e in examples])
         scores = torch.empty(len(pairs))
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
             answers = [self.answers[examples[i].task][k] for i, k in chunk]
-            inputs = self._sequences([prompts[i] for i, _ in chunk], answers, device)
+            inputs = self.sequences([prompts[i] for i, _ in chunk], answers, device)
             chunk_examples = [examples[i] for i, _ in chunk]
             log_likelihoods = self._token_log_likelihoods(model, inputs, chunk_examples)
             scores[start : start + len(chunk)] = log_likelihoods.sum(-1).cpu()

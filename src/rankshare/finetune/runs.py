@@ -1,7 +1,8 @@
 """The commands' work, apart from their parsing: train one method, compare several, evaluate, merge.
 
 A run folder holds ``command.json`` (what was asked, so ``--resume`` can finish it) and, per method,
-``run.json`` (how to rebuild the model), the adapter, ``metrics.json`` and a training checkpoint.
+``run.json`` (how to rebuild the model; for an adapter trained on a LoTR basis, also the basis run and its
+factors' fingerprint), the adapter, ``metrics.json`` and a training checkpoint.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ import torch
 import rankshare as rs
 
 from ..atomic_files import replace_file
-from ..config import AdapterConfig, ExternalAdapterConfig, method_class
+from ..config import AdapterConfig, ExternalAdapterConfig, method_class, methods
 from ..errors import RankshareError
 from ..targets import target_shapes
 from . import distributed
@@ -37,7 +38,17 @@ from .models import (
 )
 from .objectives import make_objective
 from .report import write_report
-from .train import Settings, attach_adapter, evaluate, parameter_counts, peak_memory_mb, train, versions
+from .train import (
+    BASIS_ADAPTER,
+    TASK_ADAPTER,
+    Settings,
+    attach_adapter,
+    evaluate,
+    parameter_counts,
+    peak_memory_mb,
+    train,
+    versions,
+)
 
 
 @dataclass
@@ -60,6 +71,7 @@ class Job:
     target_modules: list[str] | str | None = None  # None: the architecture's default targets
     options: dict = field(default_factory=dict)  # methods' own options; each method takes those it declares
     settings: dict = field(default_factory=dict)  # the schedule: Settings fields other than the adapter
+    basis: str | None = None  # a trained LoTR run (its folder, as given) whose factors the adapter uses
 
 
 def write_json(path: Path, data) -> None:
@@ -145,7 +157,8 @@ def job_config(job: Job, method: str, rank: int, targets, options: dict | None =
     cls = method_class(method)
     if options is None:
         options = {name: value for name, value in job.options.items() if name in cls.options()}
-    return cls(rank=rank, alpha=job.alpha, target_modules=targets, **options)
+    on_basis = {"basis": BASIS_ADAPTER} if job.basis else {}
+    return cls(rank=rank, alpha=job.alpha, target_modules=targets, **options, **on_basis)
 
 
 def plan_adapters(job: Job, shapes: dict[str, tuple[int, int]], targets) -> dict[str, tuple[AdapterConfig | None, str]]:
@@ -153,7 +166,8 @@ def plan_adapters(job: Job, shapes: dict[str, tuple[int, int]], targets) -> dict
     method the planner leaves out has no config."""
     asked = [job_config(job, method, job.rank or 8, targets) for method in job.methods]
     if job.budget is None:
-        return {config.method: (config, f"rank {config.rank} (given)") for config in asked}
+        given = f"on the factors of {job.basis}" if job.basis else "given"
+        return {config.method: (config, f"rank {config.rank} ({given})") for config in asked}
     plans = plan_all(asked, shapes, job.budget)
     return {plan.method: (job_config(job, plan.method, plan.rank, targets, plan.options) if plan.reachable else None,
                           plan.note) for plan in plans}
@@ -180,10 +194,14 @@ def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | No
     heads = head_modules(base) if space.kind == "classify" else []
     if space.kind == "classify":
         name_labels(base, space.splits.tasks)
-    model = attach_adapter(base, settings, heads).to(space.device)
+    basis = load_run(Path(job.basis), "--basis")[1] / "adapter" if job.basis else None
+    model = attach_adapter(base, settings, heads, basis).to(space.device)
+    run = {"job": asdict(job), "settings": asdict(settings), "kind": space.kind, "tasks": space.splits.tasks,
+           "heads": heads}
+    if basis is not None:  # what load_trained needs to rebuild the model: the run whose factors it uses
+        run["basis"] = {"run": job.basis, "fingerprint": model.basis_fingerprint(BASIS_ADAPTER)}
     if distributed.is_main():
-        write_json(folder / "run.json", {"job": asdict(job), "settings": asdict(settings), "kind": space.kind,
-                                         "tasks": space.splits.tasks, "heads": heads})
+        write_json(folder / "run.json", run)
     if space.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(space.device)
     timing = train(model, space.objective, space.splits.train, settings, space.device, folder, space.quiet, stop_after)
@@ -205,6 +223,8 @@ def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | No
         "seed": settings.seed,
         "versions": versions(),
     }
+    if job.basis:
+        record["basis"] = job.basis
     if record["router"] is None:
         del record["router"]
     if distributed.size() > 1:
@@ -264,8 +284,9 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
     return records
 
 
-def load_run(directory: Path) -> tuple[dict, Path]:
-    """A run's record and folder: ``directory`` may be the run folder or its adapter folder."""
+def load_run(directory: Path, option: str = "--adapter") -> tuple[dict, Path]:
+    """A run's record and folder: ``directory`` (given as ``option``) may be the run folder or its adapter
+    folder."""
     for folder in (directory, directory.parent):
         if (folder / "run.json").is_file() and (folder / "adapter").is_dir():
             run = json.loads((folder / "run.json").read_text())
@@ -275,9 +296,10 @@ def load_run(directory: Path) -> tuple[dict, Path]:
             return run, folder
     if (directory / "command.json").is_file():
         methods = sorted(p.name for p in directory.iterdir() if (p / "run.json").is_file())
-        raise RankshareError(f"{directory} holds a comparison; point --adapter at one method's folder: {methods}.")
-    raise RankshareError(f"{directory} is not a rankshare run folder (no run.json and adapter/); give the --out of "
-                         "a train run.")
+        raise RankshareError(f"{option} {directory} holds a comparison; point {option} at one method's folder: "
+                             f"{methods}.")
+    raise RankshareError(f"{option} {directory} is not a rankshare run folder (no run.json and adapter/); give the "
+                         "--out of a train run.")
 
 
 def load_trained(directory: Path, device: str = "auto"):
@@ -294,9 +316,72 @@ def load_trained(directory: Path, device: str = "auto"):
     config = AdapterConfig.from_dict(run["settings"]["adapter"])
     if isinstance(config, ExternalAdapterConfig):  # another library's files
         model = type(config).load(base, str(adapter))
+    elif run.get("basis"):
+        model = rs.AdaptedModel(base)
+        load_basis(model, run, folder, BASIS_ADAPTER)
+        model.load_adapter(adapter, TASK_ADAPTER)
+        model.set_adapter(TASK_ADAPTER)
     else:
         model = rs.AdaptedModel.from_pretrained(base, adapter)
     return model.to(pick_device(device)).eval(), run, tokenizer, folder
+
+
+def methods_on_a_basis() -> list[str]:
+    """The methods whose adapters can use the factors of another adapter (their config has a ``basis``)."""
+    return [name for name, cls in methods().items() if "basis" in {f.name for f in fields(cls)}]
+
+
+def job_on_basis(job: Job, basis: str) -> Job:
+    """``job`` on the factors of the trained LoTR run in folder ``basis``: that run's model, target modules,
+    share and rank, which ``job`` must leave out (None) or give alike. Checked before anything is loaded."""
+    run, _ = load_run(Path(basis), "--basis")
+    adapter = run["settings"]["adapter"]
+    if job.methods[0] not in methods_on_a_basis():
+        raise RankshareError(f"--basis trains a {', '.join(methods_on_a_basis())} adapter on another run's factors, "
+                             f"not a {job.methods[0]} adapter; leave out --method or choose one of those.")
+    if adapter["method"] not in methods_on_a_basis():
+        raise RankshareError(f"--basis {basis} is a {adapter['method']} run; the basis must be a trained "
+                             f"{', '.join(methods_on_a_basis())} run, whose factors the new adapter uses.")
+    if adapter.get("basis"):
+        raise RankshareError(f"--basis {basis} was itself trained on the factors of {run['basis']['run']}; give "
+                             "that run as --basis.")
+    if job.budget is not None:
+        raise RankshareError(f"--basis {basis} fixes the rank ({adapter['rank']}); leave out --budget.")
+    fixed = {"--model": (job.model, run["job"]["model"]), "--rank": (job.rank, adapter["rank"]),
+             "--target-modules": (job.target_modules, adapter["target_modules"]),
+             "--share": (job.options.get("share"), adapter.get("share"))}
+    for option, (given, used) in fixed.items():
+        if given is not None and given != used:
+            raise RankshareError(f"--basis {basis} was trained with {option} {_shown(used)}, and the new adapter "
+                                 f"uses its factors, so it takes the same; leave out {option} {_shown(given)}.")
+    if job.objective != "auto" and (job.objective == "classify") != (run["kind"] == "classify"):
+        raise RankshareError(f"--basis {basis} is a {run['kind']} run, so the new adapter needs a "
+                             f"{'classification head' if run['kind'] == 'classify' else 'causal LM'} too; leave out "
+                             f"--objective {job.objective}.")
+    return replace(job, model=run["job"]["model"], rank=adapter["rank"], target_modules=adapter["target_modules"],
+                   options={**job.options, "share": adapter["share"]}, basis=basis)
+
+
+def _shown(value) -> str:
+    """An option's value as it is written on the command line."""
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def load_basis(model: rs.AdaptedModel, run: dict, folder: Path, name: str) -> None:
+    """Load into ``model``, as ``name`` and frozen, the LoTR run whose factors the run in ``folder`` was trained on
+    (``run["basis"]``), checking they are still the factors it was trained on."""
+    recorded = run["basis"]
+    try:
+        basis_folder = load_run(Path(recorded["run"]), "--basis")[1]
+    except RankshareError:
+        raise RankshareError(f"{folder} was trained on the LoTR factors of the run {recorded['run']}, which is not "
+                             "there (no run.json and adapter/); bring that run back there, unchanged.") from None
+    model.load_adapter(basis_folder / "adapter", name)
+    if model.basis_fingerprint(name) != recorded["fingerprint"]:
+        model.delete_adapter(name)
+        raise RankshareError(f"{folder} was trained on the LoTR factors of the run {recorded['run']}, but that run's "
+                             "factors have changed since (their fingerprint differs); bring back the basis it was "
+                             f"trained on, or train it again with --basis {recorded['run']}.")
 
 
 def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "auto",

@@ -31,6 +31,8 @@ from .objectives import Objective
 from .progress import progress
 
 CHECKPOINT = "checkpoint.pt"
+# The adapter a run trains, and the frozen one whose factors it uses when trained on a basis.
+TASK_ADAPTER, BASIS_ADAPTER = "default", "basis"
 
 
 @dataclass
@@ -64,10 +66,20 @@ class Settings:
         return self.lr if self.lr is not None else method_class(self.method).learning_rate
 
 
-def attach_adapter(model: nn.Module, settings: Settings, heads: list[str]) -> nn.Module:
-    """The adapter of ``settings`` on ``model`` (PEFT's LoRA through PEFT itself), drawn from the run's seed."""
+def attach_adapter(model: nn.Module, settings: Settings, heads: list[str], basis: Path | None = None) -> nn.Module:
+    """The adapter of ``settings`` on ``model`` (PEFT's LoRA through PEFT itself), drawn from the run's seed.
+
+    With ``basis`` (a saved LoTR adapter's folder) that adapter is loaded first, frozen, as ``BASIS_ADAPTER``;
+    the new adapter, whose config names it as its basis, uses its factors and is the one that trains.
+    """
     torch.manual_seed(settings.seed)
-    return rs.adapt(model, settings.adapter_config(), modules_to_save=heads)
+    if basis is None:
+        return rs.adapt(model, settings.adapter_config(), modules_to_save=heads)
+    adapted = rs.AdaptedModel(model)
+    adapted.load_adapter(basis, BASIS_ADAPTER)
+    adapted.add_adapter(TASK_ADAPTER, settings.adapter_config(), modules_to_save=heads)
+    adapted.set_adapter(TASK_ADAPTER)
+    return adapted
 
 
 def parameter_counts(model: nn.Module, heads: list[str]) -> dict[str, int]:

@@ -170,7 +170,9 @@ class LotrLayer(AdapterLayer):
     def forward_rows(cls, layers: list[LotrLayer], x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         group = layers[0].group
         cores = torch.stack([layer.scale * layer.core for layer in layers])[choice]  # (B, r, r), row i: s_t G_t
-        hidden = x @ group.right  # (B, ..., r): one product for every row
+        # (B, ..., r): one product for every row. V as (r, d_in) rows, as a Linear weight: on CPU this thin
+        # product runs about twice as fast as x @ V with V's (d_in, r) rows.
+        hidden = nn.functional.linear(x, group.right.T.contiguous())
         mixed = (hidden.reshape(len(x), -1, hidden.shape[-1]) @ cores.transpose(1, 2)).reshape(hidden.shape)
         return mixed @ group.left.T  # (B, ..., d_out)
 

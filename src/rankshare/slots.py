@@ -86,12 +86,15 @@ class AdaptedLinear(nn.Module):
         update = torch.zeros_like(out)
         for names in together.values():
             layers = [self.adapters[name] for name in names]
-            rows = torch.cat([groups[name] for name in names])
-            choice = torch.cat([torch.full_like(groups[name], i) for i, name in enumerate(names)])
-            inputs = x[rows].to(layers[0].dtype)
-            part = layers[0].adapter_forward(inputs) if len(layers) == 1 else type(layers[0]).forward_rows(
-                layers, inputs, choice)
-            update.index_add_(0, rows, part.to(out.dtype))
+            rows, order = torch.cat([groups[name] for name in names]).sort()
+            choice = torch.cat([torch.full_like(groups[name], i) for i, name in enumerate(names)])[order]
+            whole = len(rows) == len(x)  # every row, in batch order: the only group, so no gather and no scatter
+            inputs = (x if whole else x[rows]).to(layers[0].dtype)
+            part = (layers[0].adapter_forward(inputs) if len(layers) == 1 else type(layers[0]).forward_rows(
+                layers, inputs, choice)).to(out.dtype)
+            if whole:
+                return part
+            update.index_add_(0, rows, part)
         return update
 
     @torch.no_grad()

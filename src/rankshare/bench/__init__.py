@@ -19,7 +19,16 @@ from ..finetune.progress import progress
 from ..finetune.train import versions
 from ..lotr import LotrConfig
 from ..peft_lora import PeftLoraConfig
-from .measure import adapter_file, forward, interleaved_times, merged_inference, train_step, training_memory
+from .measure import (
+    TASKS,
+    adapter_file,
+    forward,
+    interleaved_times,
+    merged_inference,
+    mixed_batch,
+    train_step,
+    training_memory,
+)
 from .report import write_bench_report
 from .setups import Setup, build_variants, packaged_setup, synthetic_setup
 
@@ -63,6 +72,8 @@ def bench_setup(setup: Setup, repeats: int, warmup: int, full: bool, say) -> dic
         # Three models that differ only in their weights' values: a ratio near 1 needs more rounds to resolve.
         lotr, mor = by_name[f"LoTR r={RANK}"], by_name[f"MoR N={NUM_EXPERTS} r={RANK}"]
         result["merged_inference"] = merged_inference(setup, lotr, mor, inputs, 3 * repeats, warmup)
+    if setup.batch >= TASKS:  # a batch with a row for every task
+        result["many_tasks"] = mixed_batch(setup, RANK, inputs, repeats, warmup)
     return result
 
 

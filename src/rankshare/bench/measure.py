@@ -1,4 +1,5 @@
-"""How each variant is measured: interleaved step and forward times, training memory, merged inference, files."""
+"""How each variant is measured: interleaved step and forward times, training memory, merged inference, files;
+and many tasks on one base: a batch that mixes tasks, and what k tasks hold."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .setups import Setup, Variant, weight_sharing_copy
+from ..targets import group_targets
+from .setups import Setup, Variant, lotr_tasks, peft_lora_tasks, task_names, weight_sharing_copy
+
+TASKS, TASK_COUNTS = 8, (1, 2, 4, 8, 16)
 
 
 def train_step(variant: Variant, inputs: dict) -> None:
@@ -25,8 +29,10 @@ def train_step(variant: Variant, inputs: dict) -> None:
 
 
 @torch.no_grad()
-def forward(model, inputs: dict) -> torch.Tensor:
-    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+def forward(model, inputs: dict, adapter_names: list[str] | None = None) -> torch.Tensor:
+    """Logits of the batch; ``adapter_names``: one adapter per example (a mixed batch)."""
+    mixed = {} if adapter_names is None else {"adapter_names": adapter_names}
+    return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **mixed).logits
 
 
 def interleaved_times(actions: dict[str, callable], repeats: int, warmup: int) -> dict[str, dict]:
@@ -117,3 +123,52 @@ def _constant_gates_output(mor: Variant, inputs: dict) -> torch.Tensor:
     for layer in model.adapter_layers().values():
         layer.router = torch.nn.Parameter(torch.zeros_like(layer.router))
     return forward(model.eval(), inputs)
+
+
+def mixed_batch(setup: Setup, rank: int, inputs: dict, repeats: int, warmup: int) -> dict:
+    """A batch whose rows go round-robin to TASKS tasks: LoTR adapters on one basis against PEFT's LoRA mixed
+    batch (``adapter_names``) and against the same batch through one LoTR adapter; with output checks."""
+    names = task_names(TASKS)
+    rows = [names[i % TASKS] for i in range(setup.batch)]
+    lotr, lora = lotr_tasks(setup, rank, TASKS).eval(), peft_lora_tasks(setup, rank, TASKS).eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # cores away from zero, so that the tasks differ and the check below means something
+        for name in names:
+            for layer in lotr.adapter_layers(name).values():
+                layer.core.copy_(torch.randn(layer.core.shape, generator=generator))
+    times = interleaved_times({
+        "PEFT LoRA, mixed": lambda: forward(lora, inputs, rows),
+        "LoTR on one basis, mixed": lambda: forward(lotr, inputs, rows),
+        "LoTR, one adapter": lambda: forward(lotr, inputs),
+    }, repeats, warmup)
+    mixed = forward(lotr, inputs, rows)
+    alone = torch.empty_like(mixed)
+    for name in names:  # each row with its own adapter active, the others' rows left out
+        lotr.set_adapter(name)
+        picked = torch.tensor([i for i, row in enumerate(rows) if row == name])
+        alone[picked] = forward(lotr, {key: value[picked] for key, value in inputs.items()})
+    lotr.set_adapter(names[0])
+    return {
+        "tasks": TASKS,
+        "times": times,
+        "max_abs_difference": (mixed - alone).abs().max().item(),
+        "difference_from_one_adapter": (mixed - forward(lotr, inputs)).abs().max().item(),
+        "output_scale": mixed.abs().max().item(),
+        "memory": task_memory(setup, rank),
+    }
+
+
+def task_memory(setup: Setup, rank: int) -> dict:
+    """Parameters that k task adapters add to the base, counted in models (each tensor once), beside the closed
+    forms: LoTR on one basis ``Σ_groups r (d_in + d_out) + k Σ_groups L r²``; LoRA ``k Σ_layers r (d_in + d_out)``."""
+    base = sum(p.numel() for p in setup.model.parameters())
+    shapes = setup.shapes
+    basis = sum(rank * sum(shapes[names[0]]) for names in group_targets(shapes, "by_name").values())
+    cores = len(shapes) * rank**2
+    lora = sum(rank * (d_out + d_in) for d_out, d_in in shapes.values())
+    rows = [{"tasks": k,
+             "lotr": sum(p.numel() for p in lotr_tasks(setup, rank, k).parameters()) - base,
+             "lotr_closed_form": basis + k * cores,
+             "lora": sum(p.numel() for p in peft_lora_tasks(setup, rank, k).parameters()) - base,
+             "lora_closed_form": k * lora} for k in TASK_COUNTS]
+    return {"basis": basis, "cores_per_task": cores, "lora_per_task": lora, "rows": rows}

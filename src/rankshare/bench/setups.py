@@ -118,6 +118,45 @@ def ours(setup: Setup, config: rs.AdapterConfig, name: str) -> Variant:
     return Variant(name, model, adapter_parameters=model.num_trainable_parameters()).finish()
 
 
+def task_names(count: int) -> list[str]:
+    return [f"task{i}" for i in range(count)]
+
+
+def lotr_tasks(setup: Setup, rank: int, count: int) -> rs.AdaptedModel:
+    """``count`` LoTR adapters on one basis: task0 owns U and V, every other task only its cores (on task0's U, V)."""
+    torch.manual_seed(1)
+    first, *others = task_names(count)
+    model = rs.adapt(weight_sharing_copy(setup.model), rs.LotrConfig(rank=rank, target_modules=setup.targets),
+                     adapter_name=first)
+    for name in others:
+        model.add_adapter(name, rs.LotrConfig(rank=rank, target_modules=setup.targets, basis=first))
+    return model
+
+
+def peft_lora_tasks(setup: Setup, rank: int, count: int) -> nn.Module:
+    """``count`` PEFT LoRA adapters (one per task) on one copy of the base."""
+    import peft
+
+    torch.manual_seed(1)
+    first, *others = task_names(count)
+
+    def config():
+        return peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=setup.targets)
+
+    model = peft.get_peft_model(weight_sharing_copy(setup.model), config(), adapter_name=first)
+    for name in others:
+        model.add_adapter(name, config())
+    return model
+
+
+def cores_on_a_basis(setup: Setup, rank: int) -> Variant:
+    """A second task on the first task's LoTR basis: only its cores (L r² per group) train."""
+    model = lotr_tasks(setup, rank, 2)
+    model.set_adapter(task_names(2)[1])
+    return Variant(f"LoTR cores only (r={rank}, on a basis)", model,
+                   adapter_parameters=model.num_trainable_parameters()).finish()
+
+
 def naive_mor(setup: Setup, rank: int, num_experts: int) -> Variant:
     """MoR computed expert by expert, materialising (n, N, d_out): what the fast path avoids."""
     variant = ours(setup, rs.MorConfig(rank=rank, num_experts=num_experts, target_modules=setup.targets),
@@ -139,13 +178,15 @@ def _trainable(model: nn.Module) -> int:
 
 
 def build_variants(setup: Setup, rank: int, num_experts: int, full: bool) -> list[Variant]:
-    """The limit, head-only, PEFT LoRA, LoTR (same rank, and LoRA's budget), MoR, MoE-LoRA, naive MoR."""
+    """The limit, head-only, PEFT LoRA, LoTR (same rank, its cores alone on a basis, and at LoRA's budget), MoR,
+    MoE-LoRA, naive MoR."""
     lora = peft_lora(setup, rank)
     matched, _ = closest_rank(rs.LotrConfig(target_modules=setup.targets), setup.shapes, lora.adapter_parameters)
     variants = [
         the_limit(setup),
         lora,
         ours(setup, rs.LotrConfig(rank=rank, target_modules=setup.targets), f"LoTR r={rank}"),
+        cores_on_a_basis(setup, rank),
         ours(setup, rs.MorConfig(rank=rank, num_experts=num_experts, target_modules=setup.targets),
              f"MoR N={num_experts} r={rank}"),
     ]

@@ -159,9 +159,9 @@ class LotrLayer(AdapterLayer):
         return [self.group]
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.group.right.requires_grad:
-            # Frozen V (cores only, or a basis): the core's gradient needs only the (n, r) product Vᵀ x, not
-            # the (d_in, r) gradient of V Gᵀ that the folded form below would compute.
+        if torch.is_grad_enabled() and self.core.requires_grad and not self.group.right.requires_grad:
+            # Training cores on a frozen V (cores only, or on a basis): the core's gradient needs only the (n, r)
+            # product Vᵀ x, not the (d_in, r) gradient of V Gᵀ that the folded form below would compute.
             return ((x @ self.group.right) @ (self.scale * self.core).T) @ self.group.left.T
         # s · V Gᵀ costs d_in r² and no activation: two token-sized products remain, as in LoRA.
         right_core = self.group.right @ (self.scale * self.core).T  # (d_in, r)

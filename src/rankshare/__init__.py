@@ -2,6 +2,7 @@
 
 from .config import AdapterConfig, ExternalAdapterConfig, methods, register
 from .errors import RankshareError
+from .export import export_peft
 from .layer import AdapterLayer
 from .model import AdaptedModel, adapt
 from .slots import AdaptedLinear, SavedModule
@@ -33,6 +34,7 @@ __all__ = [
     "SavedModule",
     "__version__",
     "adapt",
+    "export_peft",
     "methods",
     "register",
 ]

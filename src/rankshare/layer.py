@@ -79,6 +79,10 @@ class AdapterLayer(nn.Module):
     def delta_weight(self, gates: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def lora_factors(self, gates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B', A')``, (d_out, r') and (r', d_in), with ``B' A' = s · ΔW``: the update as a plain LoRA pair."""
+        raise RankshareError(f"{type(self).__name__} has no plain LoRA form; it cannot be exported.")
+
     def shared_modules(self) -> list[nn.Module]:
         """Modules this layer uses but does not own (they are owned once by the ``AdaptedModel``)."""
         return []

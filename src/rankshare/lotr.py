@@ -181,9 +181,14 @@ class LotrLayer(AdapterLayer):
         return mixed @ group.left.T  # (B, ..., d_out)
 
     def delta_weight(self, gates: torch.Tensor | None = None) -> torch.Tensor:
+        up, down = self.lora_factors(gates)
+        return up @ down
+
+    def lora_factors(self, gates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``B' = U``, ``A' = s G Vᵀ``: one layer of a LoTR group is a rank-r LoRA update, exactly."""
         if gates is not None:
-            raise RankshareError("LoTR has no router; merge it without gates.")
-        return self.scale * self.group.left @ self.core @ self.group.right.T
+            raise RankshareError("LoTR has no router; merge or export it without gates.")
+        return self.group.left, self.scale * self.core @ self.group.right.T
 
 
 def _random_orthonormal(rows: int, cols: int, device: torch.device | None) -> torch.Tensor:

@@ -56,21 +56,26 @@ class MixtureLayer(AdapterLayer):
 
     def delta_weight(self, gates: torch.Tensor | None = None) -> torch.Tensor:
         """``Σ_i gates_i · s · ΔW_i`` for a constant gate vector."""
+        up, down = self.lora_factors(gates)
+        return up @ down
+
+    def lora_factors(self, gates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The constant mixture ``Σ_i gates_i · s · ΔW_i`` as one LoRA pair ``B' A'``."""
         if gates is None:
             raise RankshareError(
                 f"{type(self).__name__}'s update depends on each token's router gates, so it cannot be merged "
-                f"as is. Pass gates= a vector of {self.num_experts} weights (e.g. one task's mean routing) to "
-                "merge that constant mixture."
+                f"or exported as is. Pass gates= a vector of {self.num_experts} weights (e.g. one task's mean "
+                "routing) to use that constant mixture."
             )
         gates = torch.as_tensor(gates, dtype=self.router.dtype, device=self.router.device)
         if gates.shape != (self.num_experts,) or not torch.isfinite(gates).all():
             raise RankshareError(
                 f"gates must be {self.num_experts} finite numbers (one per expert), got shape {tuple(gates.shape)}."
             )
-        return self.mixed_delta_weight(gates)
+        return self.mixed_lora_factors(gates)
 
-    def mixed_delta_weight(self, gates: torch.Tensor) -> torch.Tensor:
-        """``Σ_i gates_i · s · ΔW_i`` (d_out, d_in), without forming the N updates one by one."""
+    def mixed_lora_factors(self, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B', A')`` with ``B' A' = Σ_i gates_i · s · ΔW_i``, without forming the N updates one by one."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:

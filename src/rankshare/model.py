@@ -106,6 +106,10 @@ class AdaptedModel(nn.Module):
         """The modules the active adapter trains whole."""
         return list(self._adapters[self._active].modules_to_save) if self._active else []
 
+    def modules_to_save_of(self, adapter_name: str) -> list[str]:
+        """The modules adapter ``adapter_name`` trains whole."""
+        return list(self._require(adapter_name).modules_to_save)
+
     @property
     def targeted_module_names(self) -> list[str]:
         """The names of the modules the active adapter adapts (``adapter_layers(name)`` for another)."""

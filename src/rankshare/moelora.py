@@ -45,11 +45,11 @@ class MoeLoraLayer(MixtureLayer):
     def expert_delta_weights(self) -> torch.Tensor:
         return self.scale * self.lora_B @ self.lora_A
 
-    def mixed_delta_weight(self, gates: torch.Tensor) -> torch.Tensor:
-        # [g_1 B_1 … g_N B_N] [A_1; …; A_N]: one (d_out, N r) @ (N r, d_in) product.
+    def mixed_lora_factors(self, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # B' = [g_1 B_1 … g_N B_N] (d_out, N r), A' = s [A_1; …; A_N] (N r, d_in): a rank-N r LoRA.
         num_experts, rank, _ = self.lora_A.shape
         up = (gates[:, None, None] * self.lora_B).permute(1, 0, 2).reshape(self.out_features, num_experts * rank)
-        return self.scale * up @ self.lora_A.reshape(num_experts * rank, -1)
+        return up, self.scale * self.lora_A.reshape(num_experts * rank, -1)
 
 
 @register

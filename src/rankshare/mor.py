@@ -51,10 +51,10 @@ class MorLayer(MixtureLayer):
     def expert_delta_weights(self) -> torch.Tensor:
         return self.scale * torch.einsum("io,ok,ik,kd->iod", self.scale_out, self.lora_B, self.scale_in, self.lora_A)
 
-    def mixed_delta_weight(self, gates: torch.Tensor) -> torch.Tensor:
-        # Σ_i g_i diag(b_i) B diag(a_i) is (d_out, r): mix the experts there, then one product with A.
+    def mixed_lora_factors(self, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # A is shared, so the mixture is a rank-r LoRA: B' = s Σ_i g_i diag(b_i) B diag(a_i) (d_out, r), A' = A.
         mixed = torch.einsum("i,io,ok,ik->ok", gates, self.scale_out, self.lora_B, self.scale_in)
-        return self.scale * mixed @ self.lora_A
+        return self.scale * mixed, self.lora_A
 
 
 @register

@@ -321,3 +321,27 @@ def test_predict_with_causal_lms_scores_labels_and_generates(tiny_llama, task_fi
         alone_ids = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False,
                                    pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :]
         assert written["prediction"] == tokenizer.decode(alone_ids, skip_special_tokens=True).strip()
+
+
+def test_export_writes_peft_folders_that_predict_as_the_runs_do(runs, keen_bert, tmp_path, capsys):
+    import peft
+
+    out = tmp_path / "peft"
+    assert cli("export", *[f"--adapter={task}={folder}" for task, folder in runs.items()], "--out", out) == 0
+    texts = ["goal match team win 1", "rain cold snow wind 2", "happy glad joy 3"]
+    for task, folder in runs.items():
+        model, run, tokenizer, _ = load_trained(folder, "cpu")
+        encoded = tokenizer(texts, padding=True, return_tensors="pt")
+        (labels,) = run["tasks"].values()
+        base = BertForSequenceClassification.from_pretrained(keen_bert, num_labels=len(labels),
+                                                             ignore_mismatched_sizes=True)
+        served = peft.PeftModel.from_pretrained(base, str(out / task)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(served(**encoded).logits, model(**encoded).logits, rtol=1e-5, atol=1e-5)
+
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert cli("export", "--adapter", runs["topics"], "--out", out) == 2  # an existing --out
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli("export", "--adapter", runs["topics"], "--adapter", runs["moods"], "--out", tmp_path / "x") == 2
+    assert "need a distinct name each" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and not (tmp_path / "x").exists()

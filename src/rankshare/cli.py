@@ -211,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "mean routing")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
+    export = commands.add_parser("export", help="write adapters as PEFT LoRA folders (for PEFT, vLLM, TGI, ...)",
+                                 description="Write a trained adapter as a plain PEFT LoRA adapter folder, exact: "
+                                 "LoTR as it is, MoR and MoE-LoRA with fixed gates. Several --adapter NAME=RUN write "
+                                 "one folder per name under --out, loadable together into one PeftModel.")
+    export.add_argument("--adapter", type=_run_maybe_named, action="append", required=True, metavar="[NAME=]DIR",
+                        help="a train run's --out (or a compare's method folder); repeat as NAME=DIR for several")
+    export.add_argument("--out", type=Path, required=True, help="the PEFT folder (or the folder of PEFT folders)")
+    export.add_argument("--gates", help="mor/moelora only: N comma-separated gate weights, or a task name to use "
+                        "its mean routing")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
     predict = commands.add_parser("predict", help="predict each row of a file with its task's adapter, several "
                                   "adapters on one base model", description="Load one base model with every "
                                   "--adapter and predict each row with the adapter its task column names; rows of "
@@ -359,6 +370,10 @@ def _named_run(text: str) -> tuple[str, Path]:
     return name.strip(), Path(folder.strip())
 
 
+def _run_maybe_named(text: str) -> tuple[str | None, Path]:
+    return _named_run(text) if "=" in text else (None, Path(text))
+
+
 def _gates(text: str | None):
     if text is None:
         return None
@@ -400,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
 
             result = evaluate_run(args.adapter, args.data, args.quiet, args.device, args.text_column, args.label_column)
             print(json.dumps(result, indent=2))
+        elif args.command == "export":
+            from .finetune.runs import check_out, export_runs
+
+            check_out(args.out, args.overwrite)
+            for folder in export_runs(args.adapter, args.out, _gates(args.gates)):
+                print(f"PEFT LoRA adapter in {folder}", file=sys.stderr)
         else:
             from .finetune.runs import check_out, merge_run
 

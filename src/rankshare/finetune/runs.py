@@ -406,26 +406,67 @@ def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "
                     next(model.parameters()).device, quiet)
 
 
-def merge_run(directory: Path, out: Path, gates: list[float] | str | None) -> Path:
-    model, run, tokenizer, folder = load_trained(directory, "cpu")
-    config = AdapterConfig.from_dict(run["settings"]["adapter"])
+def run_gates(config: AdapterConfig, folder: Path, gates: list[float] | str | None, command: str):
+    """The gates to merge or export a run's adapter with: None for an adapter without a router, the weights
+    given, or a task's mean routing recorded at evaluation (``gates`` a task name)."""
     if config.merge_needs_gates and gates is None:
         options = ", ".join(f"{name}={value}" for name, value in config.option_values().items())
-        raise RankshareError(f"A {config.method} adapter ({options}) routes each token differently and merges only "
-                             "with fixed gates: pass --gates g1,...,gN (one weight per expert) or --gates TASK.")
+        raise RankshareError(f"A {config.method} adapter ({options}) routes each token differently and {command}s "
+                             "only with fixed gates: pass --gates g1,...,gN (one weight per expert) or --gates TASK.")
     if not config.merge_needs_gates and gates is not None:
-        raise RankshareError(f"--gates applies to routed mixtures only; a {config.method} adapter merges without it.")
+        raise RankshareError(f"--gates applies to routed mixtures only; a {config.method} adapter {command}s without "
+                             "it.")
     if isinstance(gates, str):  # a task name: that task's mean routing, measured at evaluation
         router = json.loads((folder / "metrics.json").read_text()).get("router") or {}
         if gates not in router:
             raise RankshareError(f"--gates {gates}: no mean routing recorded for that task; tasks: {sorted(router)}.")
         gates = router[gates]
+    return gates
+
+
+def merge_run(directory: Path, out: Path, gates: list[float] | str | None) -> Path:
+    model, run, tokenizer, folder = load_trained(directory, "cpu")
+    config = AdapterConfig.from_dict(run["settings"]["adapter"])
+    gates = run_gates(config, folder, gates, "merge")
     plain = model.merge_and_unload(gates=gates) if config.merge_needs_gates else model.merge_and_unload()
     temporary = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     plain.save_pretrained(str(temporary))
     tokenizer.save_pretrained(str(temporary))
+    _replace_folder(temporary, out)
+    return out
+
+
+def export_runs(adapters: list[tuple[str | None, Path]], out: Path, gates: list[float] | str | None) -> list[Path]:
+    """Write each run's adapter as a PEFT LoRA folder: ``out`` itself for one unnamed run, ``out/NAME`` for each
+    of several named ones. Everything is checked and written aside before ``out`` is replaced."""
+    names = [name for name, _ in adapters]
+    if len(adapters) > 1 and (None in names or len(set(names)) < len(names)):
+        raise RankshareError("Several --adapter need a distinct name each: --adapter NAME=RUN (one folder per name).")
+    trained = []
+    for name, directory in adapters:
+        run, folder = load_run(directory)
+        config = AdapterConfig.from_dict(run["settings"]["adapter"])
+        if isinstance(config, ExternalAdapterConfig):
+            raise RankshareError(f"--adapter {directory} is a {config.method} run, already in that library's format: "
+                                 f"its folder {folder / 'adapter'} loads as it is.")
+        trained.append((name, folder, run_gates(config, folder, gates, "export")))
+    temporary = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    written = []
+    try:
+        for name, folder, weights in trained:
+            model = load_trained(folder, "cpu")[0]
+            rs.export_peft(model, temporary / name if name else temporary, gates=weights)
+            written.append(out / name if name else out)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    _replace_folder(temporary, out)
+    return written
+
+
+def _replace_folder(temporary: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(temporary, out)
-    return out

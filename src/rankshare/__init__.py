@@ -15,6 +15,7 @@ from .lotr import LotrConfig, LotrGroup, LotrLayer
 from .mor import MorConfig, MorLayer
 from .moelora import MoeLoraConfig, MoeLoraLayer
 # isort: on
+from .compress import GroupFit, compress_lora  # below the methods: it imports lotr, which would register first
 
 __all__ = [
     "AdaptedLinear",
@@ -22,6 +23,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "ExternalAdapterConfig",
+    "GroupFit",
     "LotrConfig",
     "LotrGroup",
     "LotrLayer",
@@ -34,6 +36,7 @@ __all__ = [
     "SavedModule",
     "__version__",
     "adapt",
+    "compress_lora",
     "export_peft",
     "methods",
     "register",

@@ -289,3 +289,29 @@ def test_resume_of_an_earlier_versions_command_is_one_line(tmp_path, capsys):
     assert "is not one this version wrote" in err and len(err.strip().splitlines()) == 1
     assert cli("train", "--resume", tmp_path / "old", "--dry-run") == 2
     assert "--dry-run plans a new run" in capsys.readouterr().err
+
+
+def test_compress_turns_a_lora_run_into_lotr_runs_that_eval_reads(tiny_bert, topics_csv, tmp_path, capsys):
+    lora = tmp_path / "lora"
+    assert cli("train", "--method", "lora", "--rank", 4, "--epochs", 1, "--lr", 1e-2, *common(tiny_bert, topics_csv),
+               "--out", lora) == 0
+    capsys.readouterr()
+    out = tmp_path / "lotr"
+    # 2 layers of rank-4 LoRA per group: LoTR at rank 8 holds them exactly, at rank 2 only approximately.
+    assert cli("compress", "--adapter", lora, "--rank", "2,8", "--out", out) == 0
+    table = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    errors = {(int(rank), group.strip()): float(error) for rank, group, *_, error in rows}
+    assert len(errors) == 4 and all(errors[(8, group)] < 1e-5 < errors[(2, group)] for _, group in errors)
+
+    from rankshare.finetune.runs import load_trained
+
+    original, _, tokenizer, _ = load_trained(lora, "cpu")
+    compressed, run, _, _ = load_trained(out / "rank-8", "cpu")
+    assert run["settings"]["adapter"]["method"] == "lotr" and run["settings"]["adapter"]["rank"] == 8
+    batch = tokenizer(["match goal team", "rain storm cold"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(**batch).logits, original(**batch).logits, rtol=1e-5, atol=1e-5)
+    assert cli("eval", "--adapter", out / "rank-2", "--quiet") == 0
+    assert cli("compress", "--adapter", out / "rank-8", "--rank", 4, "--out", tmp_path / "again") == 2
+    assert "compress takes a LoRA run" in capsys.readouterr().err and not (tmp_path / "again").exists()

@@ -222,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "its mean routing")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
+    compress = commands.add_parser("compress", help="fit a LoTR adapter to a trained LoRA run's updates",
+                                   description="Compress a LoRA run (--method lora) into LoTR: one Tucker-2 basis per "
+                                   "group of layers, fitted to the per-layer updates; prints each group's relative "
+                                   "error and parameters. The result is a run folder that eval, merge and export read.")
+    compress.add_argument("--adapter", type=Path, required=True, help="a LoRA train run's --out")
+    compress.add_argument("--rank", type=_ranks, required=True,
+                          help="the LoTR rank, or comma-separated ranks for the error-size curve (one folder each)")
+    compress.add_argument("--share", choices=("by_name", "by_shape"), default="by_name",
+                          help="LoTR groups (default: %(default)s)")
+    compress.add_argument("--out", type=Path, required=True, help="the compressed run (or a folder of them)")
+    compress.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
     predict = commands.add_parser("predict", help="predict each row of a file with its task's adapter, several "
                                   "adapters on one base model", description="Load one base model with every "
                                   "--adapter and predict each row with the adapter its task column names; rows of "
@@ -370,6 +382,16 @@ def _named_run(text: str) -> tuple[str, Path]:
     return name.strip(), Path(folder.strip())
 
 
+def _ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rank or comma-separated ranks, got {text!r}") from None
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"ranks must be positive integers, got {text!r}")
+    return ranks
+
+
 def _run_maybe_named(text: str) -> tuple[str | None, Path]:
     return _named_run(text) if "=" in text else (None, Path(text))
 
@@ -415,6 +437,17 @@ def main(argv: list[str] | None = None) -> int:
 
             result = evaluate_run(args.adapter, args.data, args.quiet, args.device, args.text_column, args.label_column)
             print(json.dumps(result, indent=2))
+        elif args.command == "compress":
+            from .finetune.runs import check_out, compress_run
+
+            check_out(args.out, args.overwrite)
+            print("| rank | group | LoRA params | LoTR params | LoTR / LoRA | relative error |")
+            print("| ---: | :--- | ---: | ---: | ---: | ---: |")
+            for rank, folder, report in compress_run(args.adapter, args.rank, args.out, args.share):
+                for group, fit in report.items():
+                    print(f"| {rank} | {group} | {fit.lora_parameters:,} | {fit.lotr_parameters:,} | "
+                          f"{fit.parameter_ratio:.3f} | {fit.relative_error:.4f} |")
+                print(f"LoTR rank {rank} in {folder}", file=sys.stderr)
         elif args.command == "export":
             from .finetune.runs import check_out, export_runs
 

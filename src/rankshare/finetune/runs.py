@@ -306,13 +306,8 @@ def load_trained(directory: Path, device: str = "auto"):
     """Rebuild a trained model from its run folder: (model, run record, tokenizer, source)."""
     run, folder = load_run(directory)
     adapter = folder / "adapter"
-    source = resolve_model(run["job"]["model"])
-    tokenizer = load_tokenizer(source)
-    if run["kind"] == "classify":
-        base = load_classifier(source, sum(len(v) for v in run["tasks"].values()))
-        name_labels(base, run["tasks"])
-    else:
-        base = load_causal_lm(source)
+    tokenizer = load_tokenizer(resolve_model(run["job"]["model"]))
+    base = _run_base(run)
     config = AdapterConfig.from_dict(run["settings"]["adapter"])
     if isinstance(config, ExternalAdapterConfig):  # another library's files
         model = type(config).load(base, str(adapter))
@@ -464,6 +459,43 @@ def export_runs(adapters: list[tuple[str | None, Path]], out: Path, gates: list[
         raise
     _replace_folder(temporary, out)
     return written
+
+
+def compress_run(directory: Path, ranks: list[int], out: Path, share: str) -> list[tuple[int, Path, dict]]:
+    """Fit LoTR at each of ``ranks`` to a PEFT LoRA run's updates (``rs.compress_lora``) and save each as a run
+    folder that ``eval`` reads: ``out`` itself for one rank, ``out/rank-R`` for several. Returns, per rank, the
+    folder and the fit report (group -> GroupFit)."""
+    run, folder = load_run(directory)
+    config = AdapterConfig.from_dict(run["settings"]["adapter"])
+    if not isinstance(config, ExternalAdapterConfig):
+        raise RankshareError(f"--adapter {directory} is a {config.title} run; compress takes a LoRA run (--method "
+                             "lora), whose adapter is PEFT's.")
+    temporary = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    fitted = []
+    try:
+        for rank in ranks:
+            base = _run_base(run)
+            model, report = rs.compress_lora(base, folder / "adapter", rank, share)
+            target = temporary if len(ranks) == 1 else temporary / f"rank-{rank}"
+            model.save_pretrained(target / "adapter")
+            settings = {**run["settings"], "adapter": model.adapter_config.to_dict()}
+            write_json(target / "run.json", {**run, "settings": settings, "compressed_from": str(directory)})
+            fitted.append((rank, out if len(ranks) == 1 else out / f"rank-{rank}", report))
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    _replace_folder(temporary, out)
+    return fitted
+
+
+def _run_base(run: dict):
+    source = resolve_model(run["job"]["model"])
+    if run["kind"] == "classify":
+        base = load_classifier(source, sum(len(v) for v in run["tasks"].values()))
+        name_labels(base, run["tasks"])
+        return base
+    return load_causal_lm(source)
 
 
 def _replace_folder(temporary: Path, out: Path) -> None:

@@ -339,6 +339,13 @@ def test_export_writes_peft_folders_that_predict_as_the_runs_do(runs, keen_bert,
         with torch.no_grad():
             torch.testing.assert_close(served(**encoded).logits, model(**encoded).logits, rtol=1e-5, atol=1e-5)
 
+    capsys.readouterr()
+    assert cli("eval", "--adapter", runs["moods"], "--peft", out / "moods", "--quiet") == 0
+    through_peft = json.loads(capsys.readouterr().out)
+    assert cli("eval", "--adapter", runs["moods"], "--quiet") == 0
+    assert through_peft["metrics"] == json.loads(capsys.readouterr().out)["metrics"]
+    assert cli("eval", "--adapter", runs["moods"], "--peft", tmp_path, "--quiet") == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     assert cli("export", "--adapter", runs["topics"], "--out", out) == 2  # an existing --out
     assert "--overwrite" in capsys.readouterr().err

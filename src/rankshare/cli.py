@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="data of the same tasks (default: the data it was trained on)")
     evaluate.add_argument("--text-column", help="text column of a --data file (default: the training run's)")
     evaluate.add_argument("--label-column", help="label column of a --data file (default: the training run's)")
+    evaluate.add_argument("--peft", type=Path, metavar="DIR", help="evaluate this PEFT LoRA folder (e.g. the run's "
+                          "export) on the run's base model instead of the run's own adapter")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--quiet", action="store_true")
 
@@ -435,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from .finetune.runs import evaluate_run
 
-            result = evaluate_run(args.adapter, args.data, args.quiet, args.device, args.text_column, args.label_column)
+            result = evaluate_run(args.adapter, args.data, args.quiet, args.device, args.text_column, args.label_column,
+                                  args.peft)
             print(json.dumps(result, indent=2))
         elif args.command == "compress":
             from .finetune.runs import check_out, compress_run

@@ -380,9 +380,13 @@ def load_basis(model: rs.AdaptedModel, run: dict, folder: Path, name: str) -> No
 
 
 def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "auto",
-                 text_column: str | None = None, label_column: str | None = None) -> dict:
-    """Metrics of a trained adapter on the validation and test splits of ``data`` (default: its own data)."""
+                 text_column: str | None = None, label_column: str | None = None, peft_folder: Path | None = None
+                 ) -> dict:
+    """Metrics of a trained adapter on the validation and test splits of ``data`` (default: its own data);
+    with ``peft_folder``, of that PEFT adapter (e.g. the run's ``export``) on the run's base model instead."""
     model, run, tokenizer, _ = load_trained(directory, device)
+    if peft_folder is not None:
+        model = _peft_model(run, peft_folder).to(next(model.parameters()).device).eval()
     job = run["job"]
     # The run's seed and caps give the run's own validation and test examples when the data is the same.
     splits = load_data(data or job["data"], seed=run["settings"]["seed"], text_column=text_column or job["text_column"],
@@ -487,6 +491,17 @@ def compress_run(directory: Path, ranks: list[int], out: Path, share: str) -> li
         raise
     _replace_folder(temporary, out)
     return fitted
+
+
+def _peft_model(run: dict, folder: Path):
+    import peft
+
+    if not (folder / "adapter_config.json").is_file():
+        raise RankshareError(f"--peft {folder}: no adapter_config.json there; give a folder rankshare export wrote.")
+    try:
+        return peft.PeftModel.from_pretrained(_run_base(run), str(folder))
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise RankshareError(f"--peft {folder}: PEFT could not load it on this run's base model ({error}).") from None
 
 
 def _run_base(run: dict):

@@ -315,3 +315,29 @@ def test_compress_turns_a_lora_run_into_lotr_runs_that_eval_reads(tiny_bert, top
     assert cli("eval", "--adapter", out / "rank-2", "--quiet") == 0
     assert cli("compress", "--adapter", out / "rank-8", "--rank", 4, "--out", tmp_path / "again") == 2
     assert "compress takes a LoRA run" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+def test_compress_takes_a_bare_peft_folder_with_its_base_model(tiny_bert, tmp_path, capsys):
+    import peft
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=4, ignore_mismatched_sizes=True)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                     modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    lora.save_pretrained(tmp_path / "peft")
+    ids = {"input_ids": torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(1))}
+    with torch.no_grad():
+        expected = lora.eval()(**ids).logits
+    assert cli("compress", "--adapter", tmp_path / "peft", "--rank", 4, "--out", tmp_path / "none") == 2
+    assert "give its base model with --model" in capsys.readouterr().err
+    # 2 layers of rank-2 LoRA per group: rank 4 holds them exactly.
+    assert cli("compress", "--adapter", tmp_path / "peft", "--model", tiny_bert, "--rank", 4, "--out",
+               tmp_path / "lotr") == 0
+    fresh = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=4, ignore_mismatched_sizes=True)
+    model = rs.AdaptedModel.from_pretrained(fresh, tmp_path / "lotr")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ids).logits, expected, rtol=1e-5, atol=1e-5)

@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Compress a LoRA run (--method lora) into LoTR: one Tucker-2 basis per "
                                    "group of layers, fitted to the per-layer updates; prints each group's relative "
                                    "error and parameters. The result is a run folder that eval, merge and export read.")
-    compress.add_argument("--adapter", type=Path, required=True, help="a LoRA train run's --out")
+    compress.add_argument("--adapter", type=Path, required=True,
+                          help="a LoRA train run's --out, or a PEFT LoRA adapter folder (then give --model)")
+    compress.add_argument("--model", help="the base model of a PEFT folder: minilm, smollm2, or a model folder")
     compress.add_argument("--rank", type=_ranks, required=True,
                           help="the LoTR rank, or comma-separated ranks for the error-size curve (one folder each)")
     compress.add_argument("--share", choices=("by_name", "by_shape"), default="by_name",
@@ -446,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             check_out(args.out, args.overwrite)
             print("| rank | group | LoRA params | LoTR params | LoTR / LoRA | relative error |")
             print("| ---: | :--- | ---: | ---: | ---: | ---: |")
-            for rank, folder, report in compress_run(args.adapter, args.rank, args.out, args.share):
+            for rank, folder, report in compress_run(args.adapter, args.rank, args.out, args.share, args.model):
                 for group, fit in report.items():
                     print(f"| {rank} | {group} | {fit.lora_parameters:,} | {fit.lotr_parameters:,} | "
                           f"{fit.parameter_ratio:.3f} | {fit.relative_error:.4f} |")

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 import rankshare as rs
@@ -465,10 +466,14 @@ def export_runs(adapters: list[tuple[str | None, Path]], out: Path, gates: list[
     return written
 
 
-def compress_run(directory: Path, ranks: list[int], out: Path, share: str) -> list[tuple[int, Path, dict]]:
+def compress_run(directory: Path, ranks: list[int], out: Path, share: str, model: str | None = None
+                 ) -> list[tuple[int, Path, dict]]:
     """Fit LoTR at each of ``ranks`` to a PEFT LoRA run's updates (``rs.compress_lora``) and save each as a run
-    folder that ``eval`` reads: ``out`` itself for one rank, ``out/rank-R`` for several. Returns, per rank, the
-    folder and the fit report (group -> GroupFit)."""
+    folder that ``eval`` reads: ``out`` itself for one rank, ``out/rank-R`` for several. A bare PEFT folder (not a
+    run) needs ``model``, its base model, and gives rankshare adapter folders. Returns, per rank, the folder and
+    the fit report (group -> GroupFit)."""
+    if (directory / "adapter_config.json").is_file() and not (directory / "run.json").is_file():
+        return _compress_folder(directory, ranks, out, share, model)
     run, folder = load_run(directory)
     config = AdapterConfig.from_dict(run["settings"]["adapter"])
     if not isinstance(config, ExternalAdapterConfig):
@@ -485,6 +490,37 @@ def compress_run(directory: Path, ranks: list[int], out: Path, share: str) -> li
             model.save_pretrained(target / "adapter")
             settings = {**run["settings"], "adapter": model.adapter_config.to_dict()}
             write_json(target / "run.json", {**run, "settings": settings, "compressed_from": str(directory)})
+            fitted.append((rank, out if len(ranks) == 1 else out / f"rank-{rank}", report))
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    _replace_folder(temporary, out)
+    return fitted
+
+
+def _compress_folder(directory: Path, ranks: list[int], out: Path, share: str, model: str | None):
+    if model is None:
+        raise RankshareError(f"--adapter {directory} is a PEFT folder, not a rankshare run: give its base model with "
+                             "--model (minilm, smollm2, or a model folder).")
+    source = resolve_model(model)
+    saved = json.loads((directory / "adapter_config.json").read_text()).get("modules_to_save") or []
+    heads = [name for name in ("classifier", "score") if name in saved]
+    temporary = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    fitted = []
+    try:
+        for rank in ranks:
+            if heads:  # a classifier: as many labels as the saved head has
+                weights = safetensors.torch.load_file(directory / "adapter_model.safetensors")
+                head = weights.get(f"base_model.model.{heads[0]}.weight")
+                if head is None:
+                    raise RankshareError(f"--adapter {directory}: its config saves {heads[0]!r}, but the tensors lack "
+                                         "it; save the PEFT adapter again.")
+                base = load_classifier(source, head.shape[0])
+            else:
+                base = load_causal_lm(source)
+            adapted, report = rs.compress_lora(base, directory, rank, share)
+            adapted.save_pretrained(temporary if len(ranks) == 1 else temporary / f"rank-{rank}")
             fitted.append((rank, out if len(ranks) == 1 else out / f"rank-{rank}", report))
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)

@@ -316,14 +316,16 @@ class AdaptedModel(nn.Module):
                                  "examples; give one name per example.")
         if not adapter_names:
             raise RankshareError("adapter_names is empty; give one name per example of the batch.")
-        if self._merged_adapter() is not None:
-            raise RankshareError(f"Adapter {self._merged_adapter()!r} is merged into the base weights, so each row "
+        hosts = list(self._hosts().values())  # one walk of the model per call: this runs before every forward
+        merged = self._merged_adapter(hosts)
+        if merged is not None:
+            raise RankshareError(f"Adapter {merged!r} is merged into the base weights, so each row "
                                  "cannot get its own adapter; unmerge() before a mixed batch.")
-        if any(slot.disabled for slot in self._hosts().values()):
+        if any(host.disabled for host in hosts):
             raise RankshareError("Inside disable_adapter() every example gets the base model; leave out "
                                  "adapter_names.")
         rows = MixedRows(adapter_names)
-        slots = [*self._hosts().values(), *self._saved().values()]
+        slots = [*hosts, *self._saved().values()]
         for slot in slots:
             slot.rows = rows
         try:
@@ -374,8 +376,9 @@ class AdaptedModel(nn.Module):
 
     # -- merging ------------------------------------------------------------------------------------------
 
-    def _merged_adapter(self) -> str | None:
-        return next((host.merged for host in self._hosts().values() if host.merged is not None), None)
+    def _merged_adapter(self, hosts: list[AdaptedLinear] | None = None) -> str | None:
+        hosts = self._hosts().values() if hosts is None else hosts
+        return next((host.merged for host in hosts if host.merged is not None), None)
 
     def merge(self, gates: torch.Tensor | list[float] | None = None, safe: bool = False) -> None:
         """Fold the active adapter's update into each base weight (in place, reversible by ``unmerge``).

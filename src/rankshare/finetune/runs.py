@@ -7,6 +7,7 @@ factors' fingerprint), the adapter, ``metrics.json`` and a training checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -15,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import safetensors.torch
+import safetensors
 import torch
 
 import rankshare as rs
@@ -23,6 +24,7 @@ import rankshare as rs
 from ..atomic_files import replace_file
 from ..config import AdapterConfig, ExternalAdapterConfig, method_class, methods
 from ..errors import RankshareError
+from ..export import PEFT_PREFIX
 from ..targets import target_shapes
 from . import distributed
 from .budget import plan_all
@@ -429,11 +431,9 @@ def merge_run(directory: Path, out: Path, gates: list[float] | str | None) -> Pa
     config = AdapterConfig.from_dict(run["settings"]["adapter"])
     gates = run_gates(config, folder, gates, "merge")
     plain = model.merge_and_unload(gates=gates) if config.merge_needs_gates else model.merge_and_unload()
-    temporary = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    plain.save_pretrained(str(temporary))
-    tokenizer.save_pretrained(str(temporary))
-    _replace_folder(temporary, out)
+    with _folder_aside(out) as temporary:
+        plain.save_pretrained(str(temporary))
+        tokenizer.save_pretrained(str(temporary))
     return out
 
 
@@ -451,19 +451,10 @@ def export_runs(adapters: list[tuple[str | None, Path]], out: Path, gates: list[
             raise RankshareError(f"--adapter {directory} is a {config.method} run, already in that library's format: "
                                  f"its folder {folder / 'adapter'} loads as it is.")
         trained.append((name, folder, run_gates(config, folder, gates, "export")))
-    temporary = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    written = []
-    try:
+    with _folder_aside(out) as temporary:
         for name, folder, weights in trained:
-            model = load_trained(folder, "cpu")[0]
-            rs.export_peft(model, temporary / name if name else temporary, gates=weights)
-            written.append(out / name if name else out)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    _replace_folder(temporary, out)
-    return written
+            rs.export_peft(load_trained(folder, "cpu")[0], temporary / name if name else temporary, gates=weights)
+    return [out / name if name else out for name, _, _ in trained]
 
 
 def compress_run(directory: Path, ranks: list[int], out: Path, share: str, model: str | None = None
@@ -479,22 +470,15 @@ def compress_run(directory: Path, ranks: list[int], out: Path, share: str, model
     if not isinstance(config, ExternalAdapterConfig):
         raise RankshareError(f"--adapter {directory} is a {config.title} run; compress takes a LoRA run (--method "
                              "lora), whose adapter is PEFT's.")
-    temporary = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
     fitted = []
-    try:
+    with _folder_aside(out) as temporary:
         for rank in ranks:
-            base = _run_base(run)
-            model, report = rs.compress_lora(base, folder / "adapter", rank, share)
-            target = temporary if len(ranks) == 1 else temporary / f"rank-{rank}"
+            model, report = rs.compress_lora(_run_base(run), folder / "adapter", rank, share)
+            target = _rank_folder(temporary, rank, ranks)
             model.save_pretrained(target / "adapter")
             settings = {**run["settings"], "adapter": model.adapter_config.to_dict()}
             write_json(target / "run.json", {**run, "settings": settings, "compressed_from": str(directory)})
-            fitted.append((rank, out if len(ranks) == 1 else out / f"rank-{rank}", report))
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    _replace_folder(temporary, out)
+            fitted.append((rank, _rank_folder(out, rank, ranks), report))
     return fitted
 
 
@@ -505,28 +489,26 @@ def _compress_folder(directory: Path, ranks: list[int], out: Path, share: str, m
     source = resolve_model(model)
     saved = json.loads((directory / "adapter_config.json").read_text()).get("modules_to_save") or []
     heads = [name for name in ("classifier", "score") if name in saved]
-    temporary = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
+    num_labels = None
+    if heads:  # a classifier: as many labels as the saved head has
+        with safetensors.safe_open(directory / "adapter_model.safetensors", "pt") as weights:
+            key = f"{PEFT_PREFIX}{heads[0]}.weight"
+            if key not in weights.keys():
+                raise RankshareError(f"--adapter {directory}: its config saves {heads[0]!r}, but the tensors lack it; "
+                                     "save the PEFT adapter again.")
+            num_labels = weights.get_slice(key).get_shape()[0]
     fitted = []
-    try:
+    with _folder_aside(out) as temporary:
         for rank in ranks:
-            if heads:  # a classifier: as many labels as the saved head has
-                weights = safetensors.torch.load_file(directory / "adapter_model.safetensors")
-                head = weights.get(f"base_model.model.{heads[0]}.weight")
-                if head is None:
-                    raise RankshareError(f"--adapter {directory}: its config saves {heads[0]!r}, but the tensors lack "
-                                         "it; save the PEFT adapter again.")
-                base = load_classifier(source, head.shape[0])
-            else:
-                base = load_causal_lm(source)
+            base = load_classifier(source, num_labels) if num_labels else load_causal_lm(source)
             adapted, report = rs.compress_lora(base, directory, rank, share)
-            adapted.save_pretrained(temporary if len(ranks) == 1 else temporary / f"rank-{rank}")
-            fitted.append((rank, out if len(ranks) == 1 else out / f"rank-{rank}", report))
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    _replace_folder(temporary, out)
+            adapted.save_pretrained(_rank_folder(temporary, rank, ranks))
+            fitted.append((rank, _rank_folder(out, rank, ranks), report))
     return fitted
+
+
+def _rank_folder(out: Path, rank: int, ranks: list[int]) -> Path:
+    return out if len(ranks) == 1 else out / f"rank-{rank}"
 
 
 def _peft_model(run: dict, folder: Path):
@@ -549,7 +531,16 @@ def _run_base(run: dict):
     return load_causal_lm(source)
 
 
-def _replace_folder(temporary: Path, out: Path) -> None:
+@contextlib.contextmanager
+def _folder_aside(out: Path):
+    """A fresh folder beside ``out`` to write into; put in place of ``out`` once all is written, removed if not."""
+    temporary = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(temporary, out)

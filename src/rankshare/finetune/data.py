@@ -1,4 +1,4 @@
-"""Text-classification data for the command-line tool: built-in corpora, local files or hub data sets.
+"""Data for the command-line tool: text classification or instruction tuning, built in, from files or the hub.
 
 ``load_data(spec)`` accepts
 
@@ -14,6 +14,13 @@ all are integers); a label id is an index into them.
 
 Each task is then split 80/10/10 into train / validation / test per label, so every split keeps the class
 balance and no text is in two splits. The same seed gives the same splits; another seed gives other splits.
+
+**Instruction data** (``Instruction``): ``skills`` (the generated multi-task set of ``skills.py``), or a file
+whose rows have a prompt and a response column, or a ``messages`` column — a list of ``{role, content}`` turns
+whose last assistant turn is the answer to learn (turns after it are left out). ``task_column`` names each
+row's task (default: one task named after the file). Every row must have a non-empty prompt and response; the
+first bad row is an error that names the file and the row. Prompts are kept once per task (all copies are
+dropped when they disagree on the response), and each task is split 80/10/10 at random by the seed.
 """
 
 from __future__ import annotations
@@ -40,15 +47,46 @@ class Example:
     task: str  # "news", "sentiment", or the user's data name
 
 
+@dataclass(frozen=True)
+class Instruction:
+    """An instruction-tuning example: a conversation whose last turn, the assistant's, is the answer to learn."""
+
+    turns: tuple[tuple[str, str], ...]  # (role, content) pairs, the last one ("assistant", response)
+    task: str
+
+    @classmethod
+    def of(cls, prompt: str, response: str, task: str) -> Instruction:
+        return cls((("user", prompt), ("assistant", response)), task)
+
+    @property
+    def context(self) -> tuple[tuple[str, str], ...]:
+        return self.turns[:-1]
+
+    @property
+    def prompt(self) -> str:
+        """The turns before the answer as plain text, one per line (the plain layout's prompt)."""
+        return "\n".join(content for _, content in self.context)
+
+    @property
+    def response(self) -> str:
+        return self.turns[-1][1]
+
+
 @dataclass
 class DataSplits:
-    tasks: dict[str, list[str]]  # task name -> label names, ordered; label id = index
-    train: list[Example]
-    validation: list[Example]
-    test: list[Example]
+    tasks: dict[str, list[str]]  # task name -> label names, ordered; label id = index (no labels: instructions)
+    train: list  # of Example, or of Instruction for instruction data
+    validation: list
+    test: list
+
+    @property
+    def instructions(self) -> bool:
+        return any(isinstance(e, Instruction) for e in self.train + self.validation + self.test)
 
 
 BUILTIN = ("news", "sentiment")
+SKILLS = "skills"
+ROLES = ("system", "user", "assistant")
 
 _FILE_SUFFIXES = (".csv", ".jsonl")
 _EVAL_SHARE = 0.1  # validation and test each; train keeps the rest
@@ -68,11 +106,17 @@ def load_data(
     label_column: str = "label",
     max_train: int | None = None,
     max_eval: int | None = None,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    messages_column: str = "messages",
+    task_column: str | None = None,
 ) -> DataSplits:
     """Load, clean and split the data ``spec`` names (see the module docstring for what it may name).
 
     seed: decides the splits, the samples kept by the caps and the order of the training examples.
     text_column, label_column: the columns to read from a file or hub data set (built-ins ignore them).
+    prompt_column, response_column, messages_column: a file holding these (prompt and response, or messages)
+    is instruction data; task_column: the column naming each instruction row's task.
     max_train: keep at most this many training examples per task, sampled by label.
     max_eval: keep at most this many validation and this many test examples per task, sampled by label.
     """
@@ -84,7 +128,8 @@ def load_data(
     train: list[Example] = []
     validation: list[Example] = []
     test: list[Example] = []
-    for name, (labels, splits) in _resolve(spec.strip(), text_column, label_column, seed).items():
+    columns = InstructionColumns(prompt_column, response_column, messages_column, task_column)
+    for name, (labels, splits) in _resolve(spec.strip(), text_column, label_column, seed, columns).items():
         tasks[name] = labels
         task_train, task_validation, task_test = splits
         # Every split is in stratified order (see _interleave), so a prefix is a stratified sample.
@@ -96,12 +141,18 @@ def load_data(
     return DataSplits(tasks, train, validation, test)
 
 
-def _resolve(spec: str, text_column: str, label_column: str, seed: int) -> dict[str, Split]:
+def _resolve(spec: str, text_column: str, label_column: str, seed: int, columns: InstructionColumns
+             ) -> dict[str, Split]:
     """Task name -> (label names, [train, validation, test]) for what ``spec`` names."""
     if not spec:
         raise RankshareError(
-            f"No data named; give a built-in name ({', '.join(BUILTIN)}), a .csv or .jsonl file, or a hub name."
+            f"No data named; give a built-in name ({', '.join(BUILTIN)}, {SKILLS}), a .csv or .jsonl file, or a hub "
+            "name."
         )
+    if spec == SKILLS:
+        from .skills import skill_tasks
+
+        return skill_tasks(seed)
     names = spec.split("+")
     if all(name in BUILTIN for name in names):
         if len(set(names)) < len(names):
@@ -110,6 +161,8 @@ def _resolve(spec: str, text_column: str, label_column: str, seed: int) -> dict[
 
     path = Path(spec).expanduser()
     if path.exists():
+        if columns.found_in(path):
+            return _instruction_tasks(path, columns, seed)
         return {path.stem: _split_task(path.stem, *_file_task(path, text_column, label_column), seed)}
     has_file_suffix = spec.lower().endswith((*_FILE_SUFFIXES, ".json"))
     if "+" in spec and not has_file_suffix and not any(separator in spec for separator in "/\\"):
@@ -177,6 +230,12 @@ def _file_task(path: Path, text_column: str, label_column: str) -> Task:
 def read_rows(path: Path, columns: dict[str, str]) -> list[dict]:
     """The rows of a .csv or .jsonl file as dicts, in file order; ``columns`` maps each option that names a
     column (``--text-column``) to the column, which the file must have."""
+    return _read_numbered(path, columns)[0]
+
+
+def _read_numbered(path: Path, columns: dict[str, str]) -> tuple[list[dict], list[str]]:
+    """``read_rows`` and where each row is in the file: "line N" of a .jsonl, "row N" of a .csv (after its
+    header)."""
     if not path.is_file():
         raise RankshareError(f"'{path}' is not a file; give a .csv or .jsonl file.")
     suffix = path.suffix.lower()
@@ -185,7 +244,7 @@ def read_rows(path: Path, columns: dict[str, str]) -> list[dict]:
             f"Cannot read '{path}': only .csv and .jsonl (one JSON object per line) files are supported, "
             f"not '{suffix}'."
         )
-    records, found = _read_csv(path) if suffix == ".csv" else _read_jsonl(path)
+    records, found, places = _read_csv(path) if suffix == ".csv" else _read_jsonl(path)
     if not records:
         raise RankshareError(f"'{path}' has no rows; it needs one example per row.")
     for column in columns.values():
@@ -194,17 +253,17 @@ def read_rows(path: Path, columns: dict[str, str]) -> list[dict]:
                 f"'{path}' has no column '{column}'; its columns are {', '.join(map(repr, found))} — "
                 f"name the right ones with {' / '.join(columns)}."
             )
-    return records
+    return records, places
 
 
-def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
+def _read_csv(path: Path) -> tuple[list[dict], list[str], list[str]]:
     reader = csv.DictReader(io.StringIO(_decode(path.read_bytes())))
     records = list(reader)
-    return records, list(reader.fieldnames or [])
+    return records, list(reader.fieldnames or []), [f"row {number}" for number in range(1, len(records) + 1)]
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
-    records, columns = [], {}
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str], list[str]]:
+    records, columns, places = [], {}, []
     for number, line in enumerate(_decode(path.read_bytes()).splitlines(), start=1):
         if not line.strip():
             continue
@@ -217,8 +276,94 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
         if not isinstance(record, dict):
             raise RankshareError(f"Line {number} of '{path}' is not a JSON object; write one {{...}} per line.")
         records.append(record)
+        places.append(f"line {number}")
         columns.update(dict.fromkeys(record))  # a dict keeps the columns in first-seen order
-    return records, list(columns)
+    return records, list(columns), places
+
+
+# --- instruction files --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstructionColumns:
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str = "messages"
+    task: str | None = None
+
+    def found_in(self, path: Path) -> bool:
+        """Whether the file has a messages column, or a prompt and a response column."""
+        if path.suffix.lower() not in _FILE_SUFFIXES or not path.is_file():
+            return False
+        records, found, _ = _read_csv(path) if path.suffix.lower() == ".csv" else _read_jsonl(path)
+        return self.messages in found or {self.prompt, self.response} <= set(found)
+
+
+def _instruction_tasks(path: Path, columns: InstructionColumns, seed: int) -> dict[str, Split]:
+    """Each task's instructions of a file, split 80/10/10 at random by ``seed``."""
+    records, places = _read_numbered(path, {})
+    found = set().union(*records)
+    if columns.task is not None and columns.task not in found:
+        raise RankshareError(f"'{path}' has no column '{columns.task}'; name each row's task with --task-column, or "
+                             "leave it out for one task.")
+    by_task: dict[str, dict[str, Instruction]] = {}
+    conflicting: set[tuple[str, str]] = set()
+    for record, place in zip(records, places):
+        where = f"{place} of '{path}'"
+        task = str(record.get(columns.task) or "").strip() if columns.task else path.stem
+        if not task:
+            raise RankshareError(f"{where} names no task in '{columns.task}'; give every row its task.")
+        example = _instruction(record, columns, task, where)
+        key = " ".join(example.prompt.split()).lower()
+        kept = by_task.setdefault(task, {})
+        if key not in kept:
+            kept[key] = example
+        elif kept[key].response != example.response:
+            conflicting.add((task, key))
+    tasks = {}
+    for task, kept in by_task.items():
+        examples = [e for key, e in kept.items() if (task, key) not in conflicting]
+        random.Random(f"{seed}/{task}").shuffle(examples)
+        n_eval = max(1, math.floor(len(examples) * _EVAL_SHARE + 0.5))
+        splits = [examples[2 * n_eval :], examples[:n_eval], examples[n_eval : 2 * n_eval]]
+        _check_splits(task, splits)
+        tasks[task] = ([], splits)
+    return tasks
+
+
+def _instruction(record: dict, columns: InstructionColumns, task: str, where: str) -> Instruction:
+    """One row as an Instruction; a row without a usable prompt and answer is an error naming ``where``."""
+    messages = record.get(columns.messages)
+    if messages is None:
+        prompt, response = (record.get(name) for name in (columns.prompt, columns.response))
+        for name, value in ((columns.prompt, prompt), (columns.response, response)):
+            if value is None or not str(value).strip():
+                raise RankshareError(f"{where} has no {name!r} (or it is empty); every row needs a prompt and a "
+                                     "response.")
+        return Instruction.of(str(prompt), str(response), task)
+    if isinstance(messages, str):  # a CSV cell holds the list as JSON
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            messages = None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise RankshareError(f"{where}: {columns.messages!r} is not a list of {{\"role\", \"content\"}} turns.")
+    turns = []
+    for turn in messages:
+        role, content = turn.get("role"), turn.get("content")
+        if role not in ROLES or not isinstance(content, str):
+            raise RankshareError(f"{where}: the turn {json.dumps(turn)[:80]} needs a role ({', '.join(ROLES)}) and "
+                                 "a text content.")
+        turns.append((role, content))
+    answers = [i for i, (role, _) in enumerate(turns) if role == "assistant"]
+    if not answers:
+        raise RankshareError(f"{where}: its messages have no assistant turn, so there is no answer to learn; add one.")
+    turns = turns[: answers[-1] + 1]
+    if not turns[-1][1].strip():
+        raise RankshareError(f"{where}: its last assistant turn is empty; give it the answer to learn.")
+    if not any(role == "user" for role, _ in turns[:-1]):
+        raise RankshareError(f"{where}: its messages have no user turn before the answer; add the prompt.")
+    return Instruction(tuple(turns), task)
 
 
 # --- hub data sets ------------------------------------------------------------------------------------------

@@ -302,6 +302,33 @@ class AdaptedModel(nn.Module):
         with self._mixed(adapter_names, _batch_size(args, kwargs)):
             return self.base_model.generate(*args, **kwargs)
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Turn on the base model's gradient (activation) checkpointing, made safe for a frozen base.
+
+        In train mode each checkpointed block (a transformers decoder or encoder layer) then keeps only its input
+        and recomputes its activations, adapters included, in the backward pass: the loss and the adapters'
+        gradients are those without checkpointing. ``gradient_checkpointing_kwargs`` go to
+        ``torch.utils.checkpoint.checkpoint``; ``use_reentrant`` defaults to False. Reentrant checkpointing
+        (``use_reentrant=True``) computes gradients inside a block only if the block's input requires grad, which
+        with frozen embeddings it never does, so the adapters' gradients would be silently lost: for it the
+        input embeddings' output is made to require grad (the base's ``enable_input_require_grads()``), as PEFT
+        does. This replaces the base model's method of the same name, which attribute lookup would otherwise
+        reach; ``gradient_checkpointing_disable()`` still goes to the base model.
+        """
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        # transformers >= 5 names it activation_checkpointing_enable and warns on the old name; older ones have
+        # only gradient_checkpointing_enable.
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(self.base_model, "gradient_checkpointing_enable"):
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise RankshareError(f"{type(self.base_model).__name__} has no gradient checkpointing; it is a feature "
+                                 "of transformers models (PreTrainedModel.gradient_checkpointing_enable).")
+        if kwargs["use_reentrant"]:
+            self.base_model.enable_input_require_grads()
+
     @contextlib.contextmanager
     def _mixed(self, adapter_names: list[str], batch_size: int | None):
         if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):

@@ -99,9 +99,14 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self, name: str, gates: torch.Tensor | None = None, safe: bool = False) -> torch.Tensor:
-        """``W + s · ΔW`` of adapter ``name`` as (d_out, d_in), formed aside; ``safe`` refuses NaN or inf in it."""
+        """``W + s · ΔW`` of adapter ``name`` as (d_out, d_in), formed aside; ``safe`` refuses NaN or inf in it.
+
+        The sum is formed in the wider of the two dtypes and rounded once to the base weight's: for a bfloat16 or
+        float16 base, ``(W.float() + s · ΔW).to(W.dtype)``. Rounding ``s · ΔW`` to the base dtype before adding
+        would round twice, and lose ΔW entirely wherever it cancels W.
+        """
         weight = dense_weight(self.base_layer)
-        merged = weight + self.adapters[name].delta_weight(gates).to(weight)
+        merged = _add_rounded_once(weight, self.adapters[name].delta_weight(gates))
         if safe and not torch.isfinite(merged).all():
             raise RankshareError(
                 f"Merging this {weight.shape[0]}×{weight.shape[1]} adapter layer would put NaN or inf into its "
@@ -123,15 +128,26 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the merged update back out of the base weight."""
+        """Take the merged update back out of the base weight, by subtraction (no copy of W is kept).
+
+        In float32 this restores W to float32 rounding. In bfloat16 or float16 the merge rounded ``W + s · ΔW`` to
+        the base dtype, so the subtraction (formed in float32, rounded once) gives back W to within one unit in
+        the last place of the merged weight, not bit for bit; most elements come back exactly.
+        """
         if self.merged is None:
             return
         weight = dense_weight(self.base_layer)
-        weight -= self.adapters[self.merged].delta_weight(self._merged_gates).to(weight)
+        weight.copy_(_add_rounded_once(weight, -self.adapters[self.merged].delta_weight(self._merged_gates)))
         self.merged, self._merged_gates = None, None
 
     def extra_repr(self) -> str:
         return f"active={self.active!r}" + (f", merged={self.merged!r}" if self.merged else "")
+
+
+def _add_rounded_once(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``weight + delta`` formed in the wider dtype of the two, rounded once to ``weight``'s dtype."""
+    wide = torch.promote_types(weight.dtype, delta.dtype)
+    return (weight.to(wide) + delta.to(weight.device, wide)).to(weight.dtype)
 
 
 class SavedModule(nn.Module):

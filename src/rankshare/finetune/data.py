@@ -331,16 +331,37 @@ def _instruction_tasks(path: Path, columns: InstructionColumns, seed: int) -> di
     return tasks
 
 
-def _instruction(record: dict, columns: InstructionColumns, task: str, where: str) -> Instruction:
-    """One row as an Instruction; a row without a usable prompt and answer is an error naming ``where``."""
-    messages = record.get(columns.messages)
-    if messages is None:
-        prompt, response = (record.get(name) for name in (columns.prompt, columns.response))
-        for name, value in ((columns.prompt, prompt), (columns.response, response)):
-            if value is None or not str(value).strip():
-                raise RankshareError(f"{where} has no {name!r} (or it is empty); every row needs a prompt and a "
-                                     "response.")
-        return Instruction.of(str(prompt), str(response), task)
+def read_prompts(path: Path, columns: InstructionColumns) -> list[tuple[tuple[tuple[str, str], ...], str | None]]:
+    """Each row's conversation to answer — its prompt as a user turn, or its messages up to the last turn that is
+    not the assistant's — and its task (None without ``columns.task``)."""
+    records, places = _read_numbered(path, {})
+    found = set().union(*records)
+    if columns.messages not in found and columns.prompt not in found:
+        raise RankshareError(f"'{path}' has no column '{columns.prompt}' or '{columns.messages}'; name the prompt "
+                             "column with --prompt-column.")
+    prompts = []
+    for record, place in zip(records, places):
+        where = f"{place} of '{path}'"
+        task = str(record.get(columns.task) or "").strip() or None if columns.task else None
+        if columns.task and task is None:
+            raise RankshareError(f"{where} names no task in '{columns.task}'; give every row its task.")
+        if record.get(columns.messages) is None:
+            prompt = record.get(columns.prompt)
+            if prompt is None or not str(prompt).strip():
+                raise RankshareError(f"{where} has no {columns.prompt!r} (or it is empty); every row needs a prompt.")
+            prompts.append(((("user", str(prompt)),), task))
+            continue
+        turns = _turns(record[columns.messages], columns, where)
+        while turns and turns[-1][0] == "assistant":
+            turns.pop()
+        if not any(role == "user" for role, _ in turns):
+            raise RankshareError(f"{where}: its messages have no user turn to answer; add one.")
+        prompts.append((tuple(turns), task))
+    return prompts
+
+
+def _turns(messages, columns: InstructionColumns, where: str) -> list[tuple[str, str]]:
+    """A messages cell as (role, content) pairs."""
     if isinstance(messages, str):  # a CSV cell holds the list as JSON
         try:
             messages = json.loads(messages)
@@ -355,6 +376,20 @@ def _instruction(record: dict, columns: InstructionColumns, task: str, where: st
             raise RankshareError(f"{where}: the turn {json.dumps(turn)[:80]} needs a role ({', '.join(ROLES)}) and "
                                  "a text content.")
         turns.append((role, content))
+    return turns
+
+
+def _instruction(record: dict, columns: InstructionColumns, task: str, where: str) -> Instruction:
+    """One row as an Instruction; a row without a usable prompt and answer is an error naming ``where``."""
+    messages = record.get(columns.messages)
+    if messages is None:
+        prompt, response = (record.get(name) for name in (columns.prompt, columns.response))
+        for name, value in ((columns.prompt, prompt), (columns.response, response)):
+            if value is None or not str(value).strip():
+                raise RankshareError(f"{where} has no {name!r} (or it is empty); every row needs a prompt and a "
+                                     "response.")
+        return Instruction.of(str(prompt), str(response), task)
+    turns = _turns(messages, columns, where)
     answers = [i for i, (role, _) in enumerate(turns) if role == "assistant"]
     if not answers:
         raise RankshareError(f"{where}: its messages have no assistant turn, so there is no answer to learn; add one.")

@@ -71,20 +71,24 @@ def _require(module: str, package: str):
     return spec
 
 
-def load_classifier(source: ModelSource, num_labels: int) -> nn.Module:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_classifier(source: ModelSource, num_labels: int, dtype: str = "float32") -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
     # A folder may hold a head for other labels; it is replaced by a new one for ours.
-    model = _load(AutoModelForSequenceClassification, source, num_labels=num_labels, ignore_mismatched_sizes=True)
+    model = _load(AutoModelForSequenceClassification, source, dtype, num_labels=num_labels,
+                  ignore_mismatched_sizes=True)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
 
 
-def load_causal_lm(source: ModelSource) -> nn.Module:
+def load_causal_lm(source: ModelSource, dtype: str = "float32") -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, source)
+    return _load(AutoModelForCausalLM, source, dtype)
 
 
 def model_skeleton(source: ModelSource, causal: bool) -> nn.Module:
@@ -112,9 +116,13 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
-def _load(auto_class, source: ModelSource, **kwargs) -> nn.Module:
+def _load(auto_class, source: ModelSource, dtype: str, **kwargs) -> nn.Module:
+    """The model in ``dtype`` (one of DTYPES); the adapters put on it keep their own float32 tensors."""
+    import torch
+
     try:
-        return _quietly(auto_class.from_pretrained, source.path, **source.load_kwargs, **kwargs)
+        return _quietly(auto_class.from_pretrained, source.path, **source.load_kwargs, dtype=getattr(torch, dtype),
+                        **kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         raise RankshareError(f"--model {source.spec}: could not load it ({_first_line(error)}).") from None
 

@@ -5,19 +5,21 @@
 - ``TextToLabel``: a causal LM reads ``text`` and writes the label's name; it predicts the label whose
   name is most likely (summed log-probabilities) among its task's labels.
 - ``LanguageModelling``: next-token prediction on the texts; reported as perplexity.
+- ``InstructionTuning`` (``sft``): a causal LM learns each instruction's response; the loss counts the
+  response's tokens alone. Evaluated by greedy generation, scored by exact match, and by the response's loss.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import RankshareError
-from .data import Example
+from .data import DataSplits, Example, Instruction
 from .metrics import classification_metrics
 
 IGNORE = -100
@@ -247,6 +249,164 @@ class LanguageModelling(Objective):
         return result
 
 
-def make_objective(kind: str, tokenizer, tasks, max_length) -> Objective:
-    kinds = {"classify": SequenceClassification, "text_to_label": TextToLabel, "lm": LanguageModelling}
-    return kinds[kind](tokenizer, tasks, max_length)
+def normalised(text: str) -> str:
+    """An answer as exact match compares it: whitespace collapsed and trimmed, lower case."""
+    return " ".join(text.split()).lower()
+
+
+class InstructionTuning(Objective):
+    """A causal LM learns to answer: each instruction's prompt, then its response and the end of its turn.
+
+    The layout is the tokenizer's chat template when it has one (``chat``): the turns before the answer
+    rendered with the generation prompt, then the rest of the rendered conversation as the response.
+    Without a template (``plain``) it is ``{prompt}\n{response}<eos>``, the prompt's turns one per line. Only the
+    response's tokens carry loss. A prompt too long for ``max_length`` loses tokens from its left, so that the
+    response stays whole; an example whose response alone does not fit is left out (``fit_splits`` counts both).
+
+    Evaluation generates greedily (KV cache, left padding) up to ``max_new_tokens`` or the end of the turn and
+    scores exact match of the answer after ``normalised`` (whitespace collapsed, lower case), and the
+    response's mean token loss; the first ``SAMPLES`` examples of each task keep their generation.
+    """
+
+    special_tokens = False
+    SAMPLES = 3
+
+    def __init__(self, tokenizer, tasks, max_length, max_new_tokens: int = 32, layout: str = "auto") -> None:
+        super().__init__(tokenizer, tasks, max_length)
+        self.max_new_tokens = max_new_tokens
+        if layout not in ("auto", "chat", "plain"):
+            raise RankshareError(f"Unknown prompt layout {layout!r}; use auto, chat or plain.")
+        if layout == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise RankshareError("The tokenizer has no chat template; use the plain prompt layout.")
+        self.chat = layout == "chat" or (layout == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_text(self, context: tuple[tuple[str, str], ...]) -> str:
+        """The turns before an answer, as the model reads them before it answers."""
+        if not self.chat:
+            return "\n".join(content for _, content in context) + "\n"
+        turns = [{"role": role, "content": content} for role, content in context]
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+    def render(self, example: Instruction) -> tuple[str, str]:
+        """(prompt, response) as text: their concatenation is the whole training sequence."""
+        prompt = self.prompt_text(example.context)
+        if not self.chat:
+            return prompt, example.response + self.tokenizer.eos_token
+        turns = [{"role": role, "content": content} for role, content in example.turns]
+        whole = self.tokenizer.apply_chat_template(turns, tokenize=False)
+        if not whole.startswith(prompt):
+            raise RankshareError("The tokenizer's chat template renders a conversation differently from its prompt "
+                                 "alone, so the answer cannot be told apart; use the plain prompt layout.")
+        return prompt, whole[len(prompt):]
+
+    def encode_pair(self, example: Instruction) -> tuple[list[int], list[int], bool] | None:
+        """(prompt ids, response ids, whether the prompt was cut) within ``max_length``; None if the response
+        alone leaves no room for a prompt token."""
+        prompt, response = (self._ids(text) for text in self.render(example))
+        room = self.max_length - len(response)
+        if room < 1:
+            return None
+        return prompt[-room:], response, len(prompt) > room
+
+    def prompt_ids(self, context: tuple[tuple[str, str], ...]) -> list[int]:
+        """The prompt an answer is generated from; longer than ``max_length - 1`` tokens, cut from the left."""
+        return self._ids(self.prompt_text(context))[-max(1, self.max_length - 1):]
+
+    def fit_splits(self, splits: DataSplits) -> tuple[DataSplits, dict]:
+        """The splits without the examples whose response does not fit, and per split how many prompts were cut
+        and how many examples were left out."""
+        kept, counts = {}, {}
+        for name in ("train", "validation", "test"):
+            examples, tally = [], Counter(cut=0, skipped=0)
+            for example in getattr(splits, name):
+                pair = self.encode_pair(example)
+                if pair is None:
+                    tally["skipped"] += 1
+                    continue
+                tally["cut"] += pair[2]
+                examples.append(example)
+            kept[name], counts[name] = examples, dict(tally)
+        return DataSplits(splits.tasks, kept["train"], kept["validation"], kept["test"]), counts
+
+    def sequences(self, examples: list[Instruction], device) -> dict:
+        pairs = [self.encode_pair(e) for e in examples]
+        rows = [p + r for p, r, _ in pairs]
+        labels = [[IGNORE] * len(p) + r for p, r, _ in pairs]
+        return {**padded(rows, self.tokenizer.pad_token_id, device), "labels": _pad(labels, IGNORE).to(device)}
+
+    def batch(self, examples, device) -> Batch:
+        return Batch(self.sequences(examples, device), examples)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        # The mean over the response tokens of the whole batch, as the model computes it from the labels.
+        return model(**batch.inputs).loss
+
+    def generate(self, model, contexts: list[tuple[tuple[str, str], ...]], device, **options) -> list[str]:
+        """Each conversation's answer, generated from its prompt: greedy unless ``options`` say otherwise (they go
+        to ``model.generate``: ``do_sample``, ``temperature``, ``adapter_names``, ``streamer``, ...)."""
+        prompts = [self.prompt_ids(context) for context in contexts]
+        width = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # padded on the left
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        options = {"do_sample": False, **options}
+        output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id, **options)
+        return self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def tally(self, model, examples, batch_size, device, progress=None) -> dict:
+        matches, counts, nll, tokens = Counter(), Counter(), defaultdict(float), Counter()
+        samples = defaultdict(list)
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            inputs = self.sequences(chunk, device)
+            per_token = self._token_log_likelihoods(model, inputs, chunk)  # (B, T-1), 0 where ignored
+            counted = (inputs["labels"][:, 1:] != IGNORE).sum(-1)
+            if self.observer is not None:  # the routing recorded is over the examples' own tokens only
+                self.observer(None, [])
+            answers = self.generate(model, [e.context for e in chunk], device)
+            for example, answer, total, count in zip(chunk, answers, per_token.sum(-1).tolist(), counted.tolist()):
+                expected = example.response
+                matches[example.task] += normalised(answer) == normalised(expected)
+                counts[example.task] += 1
+                nll[example.task] -= total
+                tokens[example.task] += count
+                if len(samples[example.task]) < self.SAMPLES:
+                    samples[example.task].append({"prompt": example.prompt, "expected": expected, "answer": answer})
+            if progress:
+                progress(len(chunk))
+        return {"matches": dict(matches), "counts": dict(counts), "nll": dict(nll), "tokens": dict(tokens),
+                "samples": dict(samples)}
+
+    def summarize(self, tallies: list[dict]) -> dict:
+        pooled = {key: Counter() for key in ("matches", "counts", "nll", "tokens")}
+        samples = defaultdict(list)
+        for tally in tallies:
+            for key in pooled:
+                pooled[key].update(tally[key])
+            for task, rows in tally["samples"].items():
+                samples[task] += rows[: self.SAMPLES - len(samples[task])]
+        result = {}
+        for task in [t for t in self.tasks if t in pooled["counts"]]:
+            tokens = pooled["tokens"][task]
+            result[task] = {"exact_match": pooled["matches"][task] / pooled["counts"][task],
+                            "loss": pooled["nll"][task] / tokens if tokens else None,
+                            "examples": pooled["counts"][task], "samples": samples[task]}
+        scored = list(result.values())
+        losses = [m["loss"] for m in scored if m["loss"] is not None]
+        result["average"] = {"exact_match": sum(m["exact_match"] for m in scored) / len(scored),
+                             "loss": sum(losses) / len(losses) if losses else None,
+                             "examples": sum(m["examples"] for m in scored)}
+        return result
+
+
+def make_objective(kind: str, tokenizer, tasks, max_length, **options) -> Objective:
+    """The objective of ``kind``; ``options`` go to instruction tuning (``max_new_tokens``, ``layout``)."""
+    kinds = {"classify": SequenceClassification, "text_to_label": TextToLabel, "lm": LanguageModelling,
+             "sft": InstructionTuning}
+    return kinds[kind](tokenizer, tasks, max_length, **options) if kind == "sft" else kinds[kind](
+        tokenizer, tasks, max_length)

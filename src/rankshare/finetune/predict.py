@@ -2,7 +2,8 @@
 
 A row's task (a column of the file) names the adapter that predicts it. Rows of different adapters share
 every forward pass (``adapter_names``, one per row), and each row's prediction is the one its adapter would
-give alone: a label name for a classifier or a label-generating causal LM, generated text for a plain LM.
+give alone: a label name for a classifier or a label-generating causal LM, generated text for a plain LM, or
+the generated answer of an instruction-tuned one (the row's text is its prompt).
 
 An adapter trained on a shared LoTR basis (``train --basis``) needs that basis in the model: another
 ``--adapter`` with the same factors serves, or else the basis run its run.json records is loaded under a
@@ -25,9 +26,9 @@ from ..config import AdapterConfig, ExternalAdapterConfig
 from ..errors import RankshareError
 from .data import read_rows
 from .models import load_causal_lm, load_classifier, load_tokenizer, resolve_model
-from .objectives import make_objective, padded, token_log_likelihoods
+from .objectives import padded, token_log_likelihoods
 from .progress import progress
-from .runs import load_basis, load_run, pick_device
+from .runs import job_objective, load_basis, load_run, pick_device, recorded_job
 
 HIDDEN_PREFIX = "__"  # adapter names of bases loaded only because another adapter uses them
 
@@ -60,14 +61,14 @@ def predict_file(adapters: list[tuple[str, Path]], data: Path, out: Path, text_c
         raise RankshareError(f"--out {out} is a folder; name the predictions file, e.g. {out}/predictions.jsonl.")
     if out.resolve() == data.resolve():
         raise RankshareError(f"--out {out} is the --data file; write the predictions to another file.")
-    routes = _routes(adapters)
+    routes = adapter_routes(adapters)
     texts, names = _read_rows(data, text_column, task_column, routes)
-    source = _one_model(routes)
-    _check_bases(routes)
+    source = shared_base(routes)
+    check_bases(routes)
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(source)
-    model = _load_model(source, routes).to(pick_device(device)).eval()
+    model = load_model_with(source, routes).to(pick_device(device)).eval()
     loaded = time.perf_counter()
     with progress(len(texts), "predict", "rows", quiet) as bar:
         rows = [routes[name] for name in names]
@@ -84,7 +85,7 @@ def predict_file(adapters: list[tuple[str, Path]], data: Path, out: Path, text_c
 # --- what is asked, checked before any model is loaded -------------------------------------------------------
 
 
-def _routes(adapters: list[tuple[str, Path]]) -> dict[str, Route]:
+def adapter_routes(adapters: list[tuple[str, Path]]) -> dict[str, Route]:
     routes: dict[str, Route] = {}
     for name, directory in adapters:
         if not name or "." in name or name.startswith(HIDDEN_PREFIX):
@@ -105,8 +106,8 @@ def _routes(adapters: list[tuple[str, Path]]) -> dict[str, Route]:
 def _task_of(name: str, run: dict, folder: Path) -> str | None:
     """The run's task whose labels adapter ``name`` predicts: its only task, or the task of that name."""
     tasks = list(run["tasks"])
-    if run["kind"] == "lm" or len(tasks) == 1:
-        return None if run["kind"] == "lm" else tasks[0]
+    if run["kind"] in ("lm", "sft") or len(tasks) == 1:
+        return None if run["kind"] in ("lm", "sft") else tasks[0]
     if name not in tasks:
         raise RankshareError(f"--adapter {name}={folder}: the run was trained on the tasks {', '.join(tasks)}, so "
                              f"its name must say which one it predicts, e.g. --adapter {tasks[0]}={folder}.")
@@ -139,7 +140,7 @@ def _cell(row: dict, column: str) -> str:
     return "" if value is None else " ".join(str(value).split())
 
 
-def _one_model(routes: dict[str, Route]):
+def shared_base(routes: dict[str, Route]):
     """The base model of every run, which must be one, with runs of one kind."""
     first, *others = routes.values()
     source = resolve_model(first.run["job"]["model"])
@@ -154,7 +155,7 @@ def _one_model(routes: dict[str, Route]):
     return source
 
 
-def _check_bases(routes: dict[str, Route]) -> None:
+def check_bases(routes: dict[str, Route]) -> None:
     """Every adapter on a basis has one within reach: another --adapter that may be it (its factors are compared
     once loaded), or the basis run its run.json records."""
     owners = [r for r in routes.values() if not r.run.get("basis")]
@@ -180,11 +181,13 @@ def _identity(source) -> tuple[str, str | None]:
 # --- the model --------------------------------------------------------------------------------------------
 
 
-def _load_model(source, routes: dict[str, Route]) -> rs.AdaptedModel:
+def load_model_with(source, routes: dict[str, Route]) -> rs.AdaptedModel:
     """One base model with every adapter; those on a basis after the adapters that may be their basis."""
     first = next(iter(routes.values()))
     # Each adapter brings its own head; the base model's is never used.
-    base = load_classifier(source, len(first.labels)) if first.kind == "classify" else load_causal_lm(source)
+    dtype = recorded_job(first.run).dtype
+    base = load_classifier(source, len(first.labels), dtype) if first.kind == "classify" else load_causal_lm(source,
+                                                                                                            dtype)
     model = rs.AdaptedModel(base)
     on_basis = [route for route in routes.values() if route.run.get("basis")]
     for route in routes.values():
@@ -213,7 +216,7 @@ def _predict(model, tokenizer, routes: list[Route], texts: list[str], batch_size
     """Row i's prediction by the adapter of ``routes[i]``, in mixed batches."""
     used = {route.name: route for route in routes}.values()
     # Each run's own objective: its tasks and max length decide how a text is cut and prompted.
-    objectives = {r.name: make_objective(r.kind, tokenizer, r.run["tasks"], r.run["job"]["max_length"]) for r in used}
+    objectives = {r.name: job_objective(r.kind, tokenizer, r.run["tasks"], recorded_job(r.run)) for r in used}
     tokens = _encode(objectives, routes, texts, tokenizer)
     device = next(model.parameters()).device
     predictions = []
@@ -239,6 +242,8 @@ def _encode(objectives: dict, routes: list[Route], texts: list[str], tokenizer) 
         mine, route = [texts[i] for i in rows], routes[rows[0]]
         if route.kind == "text_to_label":
             encoded = objective.prompts(mine, [route.task] * len(rows))
+        elif route.kind == "sft":  # the text is the user's turn; the answer is generated after it
+            encoded = [objective.prompt_ids((("user", text),)) for text in mine]
         else:
             encoded = objective.encode(mine, objective.max_length)
         if route.kind == "lm":
@@ -279,5 +284,6 @@ def _generate(model, batch: list[Route], prompts, tokenizer, max_new_tokens: int
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     output = model.generate(input_ids=ids, attention_mask=mask, adapter_names=[r.name for r in batch],
-                            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+                            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                            eos_token_id=tokenizer.eos_token_id)
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]

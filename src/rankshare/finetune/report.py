@@ -11,7 +11,9 @@ A run record is one training run's metrics.json::
      "router": {"news": [mean gate of each expert], ...}}          # mixtures (MoR, MoE-LoRA) only
 
 Language-modelling runs score each task as ``{"perplexity", "loss", "tokens"}`` instead of accuracy and
-macro-F1; their table shows perplexity and their plot puts it on an axis where lower is better.
+macro-F1; their table shows perplexity and their plot puts it on an axis where lower is better. Instruction
+tuning (sft) runs score ``{"exact_match", "loss", "examples", "samples"}``: the table shows exact match and the
+response loss, and the report lists each task's sample generations.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ MISSING = "—"
 # The scores each kind of run reports per task, with their column titles.
 CLASSIFICATION = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
 LANGUAGE_MODELLING = {"perplexity": "perplexity"}
+INSTRUCTIONS = {"exact_match": "exact match"}  # and the average response loss
 
 
 def write_report(out_dir: Path, runs: list[dict]) -> list[Path]:
@@ -66,6 +69,7 @@ def markdown_table(runs: list[dict]) -> str:
     header = ["method", "rank", "adapter params", "head params"]
     header += [f"{task} {title}" for task in tasks for title in scores.values()]
     header += [f"average {title}" for title in scores.values()] if averaged else []
+    header += ["response loss"] if scores is INSTRUCTIONS else []
     header += ["train time", "median step", "peak memory"]
     lines = [_row(header), _row([":---"] + ["---:"] * (len(header) - 1))]
     for run in runs:
@@ -75,6 +79,7 @@ def markdown_table(runs: list[dict]) -> str:
         cells += [_integer(counts.get("adapter")), _integer(counts.get("head"))]
         cells += [_score(key, (metrics.get(task) or {}).get(key)) for task in tasks for key in scores]
         cells += [_score(key, _average(metrics, key)) for key in scores] if averaged else []
+        cells += [_score("loss", _average(metrics, "loss"))] if scores is INSTRUCTIONS else []
         cells += [
             _seconds(run.get("train_seconds"), digits=1),
             _seconds(run.get("median_step_seconds"), digits=3),
@@ -88,7 +93,9 @@ def markdown_table(runs: list[dict]) -> str:
 
 
 def _report_markdown(runs: list[dict], split: str, scores: dict[str, str], images: list[str]) -> str:
-    measured = "perplexity, lower is better" if scores is LANGUAGE_MODELLING else "accuracy and macro-F1"
+    measured = {id(LANGUAGE_MODELLING): "perplexity, lower is better",
+                id(INSTRUCTIONS): "exact match of the greedy answer, whitespace-collapsed and lower-cased, and the "
+                "response's mean token loss"}.get(id(scores), "accuracy and macro-F1")
     parts = [
         "# rankshare: adapter comparison",
         "",
@@ -102,7 +109,30 @@ def _report_markdown(runs: list[dict], split: str, scores: dict[str, str], image
         parts += [f"![{split} {next(iter(scores.values()))} against adapter parameters]({PARAMETERS_PLOT_NAME})", ""]
     if ROUTER_PLOT_NAME in images:
         parts += [f"![Mean router gate per expert and task]({ROUTER_PLOT_NAME})", ""]
+    if scores is INSTRUCTIONS:
+        parts += _samples_markdown(runs, split)
     return "\n".join(parts)
+
+
+def _samples_markdown(runs: list[dict], split: str) -> list[str]:
+    """Each run's first generations per task, and how many examples their length cut or left out."""
+    parts = ["## Sample generations", ""]
+    for run in runs:
+        parts += [f"### {_method_name(run)}", ""]
+        fitting = run.get("fitting") or {}
+        if fitting:
+            counts = ", ".join(f"{name}: {c.get('cut', 0)} prompts cut, {c.get('skipped', 0)} left out"
+                               for name, c in fitting.items())
+            parts += [f"Length: {counts} (responses too long for --max-length are left out, never cut).", ""]
+        parts += ["| task | prompt (end) | expected | generated |", "| :--- | :--- | :--- | :--- |"]
+        for task, scores in run["metrics"][split].items():
+            for sample in (scores.get("samples") or []) if isinstance(scores, dict) else []:
+                prompt = " ".join(str(sample.get("prompt", "")).split())
+                cells = [task, ("…" + prompt[-80:]) if len(prompt) > 80 else prompt, str(sample.get("expected", "")),
+                         str(sample.get("answer", ""))]
+                parts.append(_row([cell.replace("|", "\\|") for cell in cells]))
+        parts.append("")
+    return parts
 
 
 def _setup_sentence(runs: list[dict]) -> str:
@@ -158,7 +188,7 @@ def _integer(value) -> str:
 def _score(key: str, value) -> str:
     if _number(value) is None:
         return MISSING
-    return f"{value:,.2f}" if key == "perplexity" else f"{100 * value:.1f} %"
+    return f"{value:,.2f}" if key == "perplexity" else f"{value:.3f}" if key == "loss" else f"{100 * value:.1f} %"
 
 
 def _seconds(value, digits: int) -> str:
@@ -183,8 +213,11 @@ def _split_and_scores(runs: list[dict]) -> tuple[str, dict[str, str]]:
     if split is None:
         raise RankshareError("Every run needs metrics for the 'test' (or else 'validation') split; some have neither.")
     keys = {key for run in runs for task in run["metrics"][split].values() if isinstance(task, dict) for key in task}
-    if "perplexity" in keys and "accuracy" in keys:
-        raise RankshareError("These runs mix classification and language modelling; report them separately.")
+    if len({"perplexity", "accuracy", "exact_match"} & keys) > 1:
+        raise RankshareError("These runs mix classification, language modelling and instruction tuning; report them "
+                             "separately.")
+    if "exact_match" in keys:
+        return split, INSTRUCTIONS
     return split, LANGUAGE_MODELLING if "perplexity" in keys else CLASSIFICATION
 
 
@@ -223,7 +256,8 @@ def _parameters_figure(runs: list[dict], split: str, scores: dict[str, str]):
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     perplexity = scores is LANGUAGE_MODELLING
-    key = "perplexity" if perplexity else "accuracy"
+    key = next(iter(scores))
+    title = scores[key]
     colours = {method: f"C{i}" for i, method in enumerate(dict.fromkeys(run["method"] for run in runs))}
     points = []  # (parameters, score, label, colour)
     for run in runs:
@@ -253,8 +287,8 @@ def _parameters_figure(runs: list[dict], split: str, scores: dict[str, str]):
         axes.set_ylabel(f"{split} perplexity (lower is better)")
         axes.set_title(f"{split.capitalize()} perplexity against adapter size")
     else:
-        axes.set_ylabel(f"average {split} accuracy (%)")
-        axes.set_title(f"{split.capitalize()} accuracy against adapter size")
+        axes.set_ylabel(f"average {split} {title} (%)")
+        axes.set_title(f"{split.capitalize()} {title} against adapter size")
     axes.grid(True, which="both", alpha=0.3)
     axes.margins(x=0.15, y=0.15)
     if perplexity:

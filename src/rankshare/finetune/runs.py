@@ -28,7 +28,7 @@ from ..export import PEFT_PREFIX
 from ..targets import target_shapes
 from . import distributed
 from .budget import plan_all
-from .data import DataSplits, load_data
+from .data import SKILLS, DataSplits, load_data
 from .models import (
     ModelSource,
     default_targets,
@@ -61,12 +61,20 @@ class Job:
     methods: list[str]
     model: str = "minilm"
     data: str = "news+sentiment"
-    objective: str = "auto"  # auto: classify with an encoder, text_to_label with a causal LM; or lm
+    objective: str = "auto"  # auto: sft on instruction data, else classify (encoder) / text_to_label (causal LM)
     text_column: str = "text"
     label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
+    task_column: str | None = None
     max_train: int | None = 1200
     max_eval: int | None = 300
-    max_length: int = 64
+    max_length: int | None = None  # None: 64 tokens, or 128 for instruction data
+    max_new_tokens: int = 32  # sft: the longest answer generated at evaluation
+    prompt_layout: str = "auto"  # sft: the tokenizer's chat template (auto, when it has one), or plain
+    dtype: str = "float32"  # the base model's; adapters train in float32
+    gradient_checkpointing: bool = False
     rank: int | None = None
     budget: int | None = None
     device: str = "auto"
@@ -103,11 +111,26 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def objective_kind(job: Job, source: ModelSource) -> str:
-    if job.objective != "auto":
+def objective_kind(job: Job, source: ModelSource, instructions: bool = False) -> str:
+    """What the run trains: ``job.objective``, or (auto) what the data and the model call for. Instruction data
+    (prompt and response, or messages) goes with ``sft`` alone, which needs a causal LM."""
+    if instructions and job.objective not in ("auto", "sft"):
+        raise RankshareError(f"--data {job.data} is instruction data (prompts and responses), which trains with "
+                             f"--objective sft, not {job.objective}; leave out --objective.")
+    if job.objective == "sft" and not instructions:
+        raise RankshareError(f"--objective sft needs instruction data: rows with '{job.prompt_column}' and "
+                             f"'{job.response_column}' (or '{job.messages_column}'), or --data skills.")
+    if job.objective != "auto" and not (instructions and not _causal(source)):
         return job.objective
+    if instructions and not _causal(source):
+        raise RankshareError(f"--model {source.spec} is not a causal language model, and instruction tuning "
+                             "generates answers; choose one (e.g. --model smollm2).")
+    return "sft" if instructions else "text_to_label" if _causal(source) else "classify"
+
+
+def _causal(source: ModelSource) -> bool:
     if source.gguf_file:
-        return "text_to_label"
+        return True
     from transformers import AutoConfig
 
     try:
@@ -115,8 +138,31 @@ def objective_kind(job: Job, source: ModelSource) -> str:
     except (OSError, ValueError) as error:
         first_line = str(error).splitlines()[0]
         raise RankshareError(f"--model {source.spec}: could not read its config ({first_line}).") from None
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    return "text_to_label" if causal else "classify"
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def recorded_job(run: dict) -> Job:
+    """The Job a run.json records (fields of later versions take their defaults)."""
+    known = {f.name for f in fields(Job)}
+    return Job(**{name: value for name, value in run["job"].items() if name in known})
+
+
+def job_data(job: Job, data: str | None = None, **columns) -> DataSplits:
+    """The data of ``job``, or ``data`` read with the job's columns (``columns`` given override them), with the
+    job's seed and caps: the same data gives the same splits."""
+    names = ("text_column", "label_column", "prompt_column", "response_column", "messages_column", "task_column")
+    chosen = {name: getattr(job, name) for name in names}
+    chosen.update({name: value for name, value in columns.items() if value is not None})
+    return load_data(data or job.data, seed=job.settings.get("seed", 0), max_train=job.max_train,
+                     max_eval=job.max_eval, **chosen)
+
+
+def job_objective(kind: str, tokenizer, tasks, job: Job):
+    """The objective of a run of ``job``: its ``max_length`` is 64 tokens unless given, 128 for instructions."""
+    if kind != "sft":
+        return make_objective(kind, tokenizer, tasks, job.max_length or 64)
+    return make_objective(kind, tokenizer, tasks, job.max_length or 128, max_new_tokens=job.max_new_tokens,
+                          layout=job.prompt_layout)
 
 
 def name_labels(model, tasks: dict[str, list[str]]) -> None:
@@ -134,13 +180,19 @@ class Workspace:
         self.device = pick_device(job.device)
         distributed.start(self.device)
         seed = job.settings.get("seed", 0)
-        self.splits: DataSplits = load_data(job.data, seed=seed, text_column=job.text_column,
-                                            label_column=job.label_column,
-                                            max_train=job.max_train, max_eval=job.max_eval)
+        self.splits: DataSplits = job_data(job)
         self.source = resolve_model(job.model)
-        self.kind = objective_kind(job, self.source)
+        instructions = self.splits.instructions
+        self.kind = objective_kind(job, self.source, instructions)
         self.tokenizer = load_tokenizer(self.source)
-        self.objective = make_objective(self.kind, self.tokenizer, self.splits.tasks, job.max_length)
+        self.objective = job_objective(self.kind, self.tokenizer, self.splits.tasks, job)
+        self.fitting = {}  # sft: per split, prompts cut from the left and examples left out for their length
+        if self.kind == "sft":
+            self.splits, self.fitting = self.objective.fit_splits(self.splits)
+            if not self.splits.train or not self.splits.test:
+                raise RankshareError(f"No {'training' if not self.splits.train else 'test'} example of --data "
+                                     f"{job.data} has a response that fits in {self.objective.max_length} tokens; "
+                                     "raise --max-length.")
         torch.manual_seed(seed)  # a new classification head is initialised here
         self.pristine = self._load_base()
         self.targets = job.target_modules or default_targets(self.pristine)
@@ -148,8 +200,13 @@ class Workspace:
 
     def _load_base(self):
         if self.kind == "classify":
-            return load_classifier(self.source, self.objective.num_labels)
-        return load_causal_lm(self.source)
+            base = load_classifier(self.source, self.objective.num_labels, self.job.dtype)
+        else:
+            base = load_causal_lm(self.source, self.job.dtype)
+        if self.job.gradient_checkpointing:
+            # Non-reentrant: the frozen base's activations need no gradient for the adapters' to flow back.
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return base
 
     def fresh_base(self):
         return copy.deepcopy(self.pristine)
@@ -179,7 +236,8 @@ def plan_adapters(job: Job, shapes: dict[str, tuple[int, int]], targets) -> dict
 def dry_run(job: Job) -> dict[str, tuple[AdapterConfig | None, str]]:
     """The plan of ``job`` from the model's architecture alone: no weights, no data, no training."""
     source = resolve_model(job.model)
-    skeleton = model_skeleton(source, causal=objective_kind(job, source) != "classify")
+    instructions = job.objective == "sft" or job.data == SKILLS  # a file is not read to find out
+    skeleton = model_skeleton(source, causal=objective_kind(job, source, instructions) != "classify")
     targets = job.target_modules or default_targets(skeleton)
     return plan_adapters(job, target_shapes(skeleton, targets), targets)
 
@@ -214,8 +272,10 @@ def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | No
     record = {
         "method": settings.method,
         "rank": settings.rank,
-        "config": {"model": job.model, "data": job.data, "objective": space.kind, "max_length": job.max_length,
-                   **asdict(settings), "learning_rate": settings.learning_rate},
+        "config": {"model": job.model, "data": job.data, "objective": space.kind,
+                   "max_length": space.objective.max_length, "dtype": job.dtype,
+                   "gradient_checkpointing": job.gradient_checkpointing, **asdict(settings),
+                   "learning_rate": settings.learning_rate},
         "trainable_parameters": parameter_counts(model, heads),
         **evaluation,
         **timing,
@@ -228,6 +288,8 @@ def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | No
     }
     if job.basis:
         record["basis"] = job.basis
+    if space.fitting:
+        record["fitting"] = space.fitting
     if record["router"] is None:
         del record["router"]
     if distributed.size() > 1:
@@ -390,21 +452,26 @@ def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "
     model, run, tokenizer, _ = load_trained(directory, device)
     if peft_folder is not None:
         model = _peft_model(run, peft_folder).to(next(model.parameters()).device).eval()
-    job = run["job"]
+    job = recorded_job(run)
     # The run's seed and caps give the run's own validation and test examples when the data is the same.
-    splits = load_data(data or job["data"], seed=run["settings"]["seed"], text_column=text_column or job["text_column"],
-                       label_column=label_column or job["label_column"], max_train=job["max_train"],
-                       max_eval=job["max_eval"])
+    splits = job_data(job, data, text_column=text_column, label_column=label_column)
+    if (run["kind"] == "sft") != splits.instructions:
+        raise RankshareError(f"--data {data} is {'' if splits.instructions else 'not '}instruction data, but the "
+                             f"adapter was trained {'on' if run['kind'] == 'sft' else 'for'} {run['kind']}; evaluate "
+                             "on data of the kind it was trained on.")
     if len(splits.tasks) == len(run["tasks"]) == 1:  # one task: its name (a file's stem) may differ
         (task,), (trained,) = splits.tasks, run["tasks"]
         validation, test = ([replace(e, task=trained) for e in split] for split in (splits.validation, splits.test))
         splits = DataSplits({trained: splits.tasks[task]}, [], validation, test)
     for task, labels in splits.tasks.items():
-        if run["kind"] != "lm" and run["tasks"].get(task) != labels:
+        if run["kind"] not in ("lm", "sft") and run["tasks"].get(task) != labels:
             raise RankshareError(f"Task {task!r} of --data has labels {labels}, the adapter was trained on "
                                  f"{run['tasks'].get(task)}; evaluate on data of the same tasks.")
-    objective = make_objective(run["kind"], tokenizer, run["tasks"], job["max_length"])
-    return evaluate(model, objective, replace(splits, tasks=run["tasks"]), run["settings"]["batch_size"],
+    tasks = splits.tasks if run["kind"] == "sft" else run["tasks"]
+    objective = job_objective(run["kind"], tokenizer, tasks, job)
+    if run["kind"] == "sft":
+        splits = objective.fit_splits(splits)[0]
+    return evaluate(model, objective, replace(splits, tasks=tasks), run["settings"]["batch_size"],
                     next(model.parameters()).device, quiet)
 
 
@@ -525,10 +592,10 @@ def _peft_model(run: dict, folder: Path):
 def _run_base(run: dict):
     source = resolve_model(run["job"]["model"])
     if run["kind"] == "classify":
-        base = load_classifier(source, sum(len(v) for v in run["tasks"].values()))
+        base = load_classifier(source, sum(len(v) for v in run["tasks"].values()), recorded_job(run).dtype)
         name_labels(base, run["tasks"])
         return base
-    return load_causal_lm(source)
+    return load_causal_lm(source, recorded_job(run).dtype)
 
 
 @contextlib.contextmanager

@@ -208,8 +208,9 @@ class RouterTracker:
         self.index = {id(layer): i for i, layer in enumerate(self.layers)}
         self.handles = [layer.register_forward_pre_hook(self._record) for layer in self.layers]
 
-    def observe(self, attention_mask: torch.Tensor, tasks: list[str]) -> None:
-        self.current = (attention_mask.float(), tasks)
+    def observe(self, attention_mask: torch.Tensor | None, tasks: list[str]) -> None:
+        """The next forwards are of these examples; None: of none to record (e.g. generation)."""
+        self.current = None if attention_mask is None else (attention_mask.float(), tasks)
 
     def reset(self) -> None:
         self.sums, self.counts = {}, {}

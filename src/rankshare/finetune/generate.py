@@ -1,0 +1,155 @@
+"""``rankshare generate``: answers from an instruction-tuned run, or from a merged model folder.
+
+One prompt is answered as it is produced (streamed to stdout); a file's rows are answered in batches into a
+jsonl file. ``--task`` chooses among several ``--adapter NAME=RUN`` (one base model holds them all, as in
+``predict``), or fixes a routed mixture's gates to that task's mean routing, recorded when the run was
+evaluated (the model is merged with them). Decoding is greedy unless a temperature is given.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..atomic_files import replace_file
+from ..config import AdapterConfig
+from ..errors import RankshareError
+from .data import InstructionColumns, read_prompts
+from .models import ModelSource, load_causal_lm, load_tokenizer
+from .objectives import InstructionTuning
+from .predict import adapter_routes, check_bases, load_model_with, shared_base
+from .progress import progress
+from .runs import job_objective, load_trained, pick_device, recorded_job, run_gates
+
+
+@dataclass
+class Generator:
+    """A model ready to answer, the objective that lays out its prompts, and the adapter names it holds."""
+
+    model: torch.nn.Module
+    objective: InstructionTuning
+    adapters: list[str]  # several: each prompt names its own; empty: one model answers every prompt
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_generator(adapters: list[tuple[str | None, Path]], task: str | None, device: str = "auto",
+                   max_new_tokens: int = 256) -> Generator:
+    """The model of ``adapters``: one run, one merged model folder, or several named runs on one base."""
+    if len(adapters) == 1 and _is_model_folder(adapters[0][1]):
+        if task is not None:
+            raise RankshareError(f"--task {task}: {adapters[0][1]} is a merged model folder, which has no tasks to "
+                                 "choose from; leave out --task.")
+        folder = str(adapters[0][1])
+        source = ModelSource(folder, folder)
+        tokenizer = load_tokenizer(source)
+        model = load_causal_lm(source).to(pick_device(device)).eval()
+        length = getattr(model.config, "max_position_embeddings", None) or 2048
+        return Generator(model, InstructionTuning(tokenizer, {}, length, max_new_tokens), [])
+    if len(adapters) == 1:
+        return _one_run(adapters[0][1], task, device, max_new_tokens)
+    return _several_runs(adapters, task, device, max_new_tokens)
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and not (folder / "run.json").is_file()
+
+
+def _one_run(directory: Path, task: str | None, device: str, max_new_tokens: int) -> Generator:
+    model, run, tokenizer, folder = load_trained(directory, device)
+    _check_kind(run, directory)
+    if task is not None and task not in run["tasks"]:
+        raise RankshareError(f"--task {task} names no task of {directory}; its tasks are {', '.join(run['tasks'])}.")
+    config = AdapterConfig.from_dict(run["settings"]["adapter"])
+    if task is not None and config.merge_needs_gates:  # the task's mean routing, fixed for every token
+        model = model.merge_and_unload(gates=run_gates(config, folder, task, "generate")).eval()
+    job = recorded_job(run)
+    job.max_new_tokens = max_new_tokens
+    return Generator(model, job_objective("sft", tokenizer, run["tasks"], job), [])
+
+
+def _several_runs(adapters: list[tuple[str | None, Path]], task: str | None, device: str,
+                  max_new_tokens: int) -> Generator:
+    if any(name is None for name, _ in adapters):
+        raise RankshareError("Several --adapter need a name each: --adapter NAME=RUN, and --task NAME to choose one.")
+    routes = adapter_routes(adapters)
+    for route in routes.values():
+        _check_kind(route.run, route.folder)
+    if task is not None and task not in routes:
+        raise RankshareError(f"--task {task} names no --adapter; the adapters are {', '.join(routes)}.")
+    source = shared_base(routes)
+    check_bases(routes)
+    model = load_model_with(source, routes).to(pick_device(device)).eval()
+    first = next(iter(routes.values()))
+    job = recorded_job(first.run)
+    job.max_new_tokens = max_new_tokens
+    objective = job_objective("sft", load_tokenizer(source), first.run["tasks"], job)
+    if task is not None:
+        model.set_adapter(task)
+        return Generator(model, objective, [])
+    return Generator(model, objective, list(routes))
+
+
+def _check_kind(run: dict, directory: Path) -> None:
+    if run["kind"] != "sft":
+        raise RankshareError(f"{directory} is a {run['kind']} run; generate answers with instruction-tuned runs "
+                             "(--objective sft) and merged models; use rankshare predict for this one.")
+
+
+def sampling(temperature: float, top_p: float, seed: int) -> dict:
+    """``generate``'s options: greedy at temperature 0, else sampled (seeded) with nucleus ``top_p``."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise RankshareError(f"--temperature must be >= 0 and --top-p in (0, 1]; got {temperature} and {top_p}.")
+    if temperature == 0:
+        return {"do_sample": False}
+    torch.manual_seed(seed)
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+
+
+def stream(generator: Generator, prompt: str, options: dict) -> str:
+    """Answer one prompt, printing its tokens to stdout as they are generated; returns the answer."""
+    from transformers import TextStreamer
+
+    if generator.adapters:
+        raise RankshareError(f"Several adapters are loaded ({', '.join(generator.adapters)}); choose the one that "
+                             "answers with --task NAME.")
+    tokenizer = generator.objective.tokenizer
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        return generator.objective.generate(generator.model, [(("user", prompt),)], generator.device,
+                                            streamer=streamer, **options)[0]
+
+
+def answer_file(generator: Generator, data: Path, out: Path, columns: InstructionColumns, options: dict,
+                batch_size: int = 16, quiet: bool = False) -> dict:
+    """Answer every row of ``data`` into ``out`` (jsonl, replaced whole): ``{"task", "prompt", "answer"}``."""
+    if out.is_dir() or out.resolve() == data.resolve():
+        raise RankshareError(f"--out {out} must be a new file, not a folder or the --data file.")
+    rows = read_prompts(data, columns)
+    if generator.adapters:
+        if columns.task is None:
+            raise RankshareError(f"Several adapters are loaded ({', '.join(generator.adapters)}): choose one with "
+                                 "--task, or name each row's with --task-column.")
+        unknown = sorted({task for _, task in rows} - set(generator.adapters))
+        if unknown:
+            raise RankshareError(f"Rows of '{data}' name tasks that no --adapter has: {', '.join(unknown[:5])}; the "
+                                 f"adapters are {', '.join(generator.adapters)}.")
+    started, answers = time.perf_counter(), []
+    with progress(len(rows), "generate", "rows", quiet) as bar, torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            mixed = {"adapter_names": [task for _, task in chunk]} if generator.adapters else {}
+            answers += generator.objective.generate(generator.model, [context for context, _ in chunk],
+                                                    generator.device, **mixed, **options)
+            bar.update(len(chunk))
+    lines = [json.dumps({"task": task, "prompt": "\n".join(c for _, c in context), "answer": answer})
+             for (context, task), answer in zip(rows, answers)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(out, ("\n".join(lines) + "\n").encode("utf-8"))
+    return {"rows": len(rows), "seconds": time.perf_counter() - started}

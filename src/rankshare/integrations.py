@@ -18,7 +18,8 @@ for saving. Checked on CPU with the gloo backend: steps on 2 ranks match 1 proce
 **Trainer**: ``AdapterTrainer`` is ``transformers.Trainer`` for an ``AdaptedModel``. Its checkpoints hold
 the adapter files (``adapter_config.json``, ``adapter_model.safetensors``) instead of the whole base
 model, and resuming, or loading the best model at the end, copies a checkpoint's adapter tensors into the
-running model in place, with the checks of ``AdaptedModel.from_pretrained``.
+running model in place, with the checks of ``AdaptedModel.from_pretrained``. That behaviour is the mixin
+``AdapterCheckpoints``, which ``rankshare.sft.AdapterSFTTrainer`` puts on TRL's ``SFTTrainer``.
 """
 
 from __future__ import annotations
@@ -109,30 +110,35 @@ def full_adapter_state_dict(model: AdaptedModel) -> dict[str, torch.Tensor]:
 # -- transformers.Trainer ---------------------------------------------------------------------------------
 
 
-class AdapterTrainer(transformers.Trainer):
-    """``transformers.Trainer`` for an ``AdaptedModel``: checkpoints hold the adapter, not the base model.
+class AdapterCheckpoints:
+    """The checkpoint behaviour of ``AdapterTrainer``, for any ``transformers.Trainer`` subclass (put it first).
 
-    Trainer saves ``save_pretrained`` output only for its own model classes and otherwise the full state
-    dict, base weights included; here every checkpoint (and ``save_model``) holds ``adapter_config.json``
-    and ``adapter_model.safetensors``. ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end``
-    copy the adapter tensors of a checkpoint into the running model in place.
+    ``class MyTrainer(AdapterCheckpoints, SomeTrainer)`` refuses a model that is not an ``AdaptedModel``, and
+    Trainer's FSDP and DeepSpeed options; it reads the label names, and the data columns kept, from the base
+    model's ``forward`` (``AdaptedModel.forward`` takes ``*args, **kwargs``, which says nothing); and it saves
+    and loads checkpoints as adapter files. ``AdapterTrainer`` is this on ``transformers.Trainer``;
+    ``rankshare.sft.AdapterSFTTrainer`` is this on TRL's ``SFTTrainer``.
 
-    The data columns kept and the label names are read from the base model's ``forward``, as Trainer
-    would for the base model alone.
+    Trainer has no public hook for how a checkpoint's model is written and read back, so this overrides its
+    private ``_save``, ``_load_from_checkpoint`` and ``_load_best_model`` (and ``_set_signature_columns_if_needed``),
+    as every library that saves something else than a full model does; tested with transformers 5.x
+    (``tests/test_trainer.py``).
     """
+
+    _plain_trainer = "transformers.Trainer"  # what to use for a model without adapters
 
     def __init__(self, model: AdaptedModel | None = None, *args, **kwargs) -> None:
         if not isinstance(model, AdaptedModel):
             raise RankshareError(
-                f"AdapterTrainer trains an AdaptedModel (from rankshare.adapt), got {type(model).__name__}; use "
-                "transformers.Trainer for other models."
+                f"{type(self).__name__} trains an AdaptedModel (from rankshare.adapt), got {type(model).__name__}; "
+                f"use {self._plain_trainer} for other models."
             )
         super().__init__(model, *args, **kwargs)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             # Checkpoints are written from the main process's tensors, which these engines shard.
             raise RankshareError(
-                "AdapterTrainer does not support Trainer's FSDP or DeepSpeed options: its checkpoints would hold "
-                "shards. Train with DDP (the default under torchrun), or shard yourself with "
+                f"{type(self).__name__} does not support Trainer's FSDP or DeepSpeed options: its checkpoints would "
+                "hold shards. Train with DDP (the default under torchrun), or shard yourself with "
                 "rankshare.integrations.fully_shard_adapted and save with full_adapter_state_dict."
             )
         # AdaptedModel.forward takes (*args, **kwargs); the base model's signature says what it accepts.
@@ -167,3 +173,16 @@ class AdapterTrainer(transformers.Trainer):
 
     def _load_best_model(self) -> None:
         self.model.load_adapter_weights(self.state.best_model_checkpoint)
+
+
+class AdapterTrainer(AdapterCheckpoints, transformers.Trainer):
+    """``transformers.Trainer`` for an ``AdaptedModel``: checkpoints hold the adapter, not the base model.
+
+    Trainer saves ``save_pretrained`` output only for its own model classes and otherwise the full state
+    dict, base weights included; here every checkpoint (and ``save_model``) holds ``adapter_config.json``
+    and ``adapter_model.safetensors``. ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end``
+    copy the adapter tensors of a checkpoint into the running model in place.
+
+    The data columns kept and the label names are read from the base model's ``forward``, as Trainer
+    would for the base model alone.
+    """

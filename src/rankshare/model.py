@@ -327,6 +327,10 @@ class AdaptedModel(nn.Module):
             raise RankshareError(f"{type(self.base_model).__name__} has no gradient checkpointing; it is a feature "
                                  "of transformers models (PreTrainedModel.gradient_checkpointing_enable).")
         if kwargs["use_reentrant"]:
+            # Hook the embeddings once: transformers >= 5 has already hooked them for models fed input_ids, and a
+            # second hook would outlive disable_input_require_grads().
+            with contextlib.suppress(AttributeError):  # transformers < 5 cannot disable what it never enabled
+                self.base_model.disable_input_require_grads()
             self.base_model.enable_input_require_grads()
 
     @contextlib.contextmanager

@@ -228,3 +228,29 @@ def test_a_bfloat16_base_with_gradient_checkpointing_trains_from_the_command_lin
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["dtype"] == "bfloat16" and metrics["config"]["gradient_checkpointing"]
     assert torch.isfinite(torch.tensor(metrics["metrics"]["test"]["average"]["loss"]))
+
+
+def test_a_merged_sft_run_answers_as_the_run_with_that_tasks_gates(sft_run, tmp_path, capsys):
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(sft_run), "--gates", "add", "--out", str(merged)]) == 0
+    capsys.readouterr()
+    answers = []
+    for adapter in (["--adapter", str(sft_run), "--task", "add"], ["--adapter", str(merged)]):
+        assert main(["generate", *adapter, "--prompt", "what is 3 plus 4", "--max-new-tokens", "5"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and answers[0].strip()
+    assert main(["generate", "--adapter", str(merged), "--task", "add", "--prompt", "hi"]) == 2
+    assert "merged model folder" in capsys.readouterr().err
+
+
+def test_predict_answers_each_row_with_its_tasks_sft_adapter(sft_run, tmp_path, capsys):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": "what is 1 plus 2", "task": "add"},
+                                                 {"text": "what is 2 plus 3", "task": "sum"}])
+    out = tmp_path / "predictions.jsonl"
+    assert main(["predict", "--adapter", f"add={sft_run}", "--adapter", f"sum={sft_run}", "--data", str(rows),
+                 "--out", str(out), "--max-new-tokens", "3", "--quiet"]) == 0
+    predicted = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["task"] for p in predicted] == ["add", "sum"] and all(isinstance(p["prediction"], str) for p in predicted)
+    # The run routes every token itself, as generate does without --task.
+    assert main(["generate", "--adapter", str(sft_run), "--prompt", "what is 1 plus 2", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip() == predicted[0]["prediction"]

@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label-column", help="label column of a --data file (default: the training run's)")
     evaluate.add_argument("--peft", type=Path, metavar="DIR", help="evaluate this PEFT LoRA folder (e.g. the run's "
                           "export) on the run's base model instead of the run's own adapter")
+    evaluate.add_argument("--base", action="store_true", help="evaluate the base model alone, the adapter and any "
+                          "trained head disabled: the score before training (e.g. zero-shot for sft)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--quiet", action="store_true")
 
@@ -503,8 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from .finetune.runs import evaluate_run
 
+            if args.base and args.peft:
+                raise RankshareError("--base evaluates the model without any adapter; leave out --peft.")
             result = evaluate_run(args.adapter, args.data, args.quiet, args.device, args.text_column, args.label_column,
-                                  args.peft)
+                                  args.peft, args.base)
             print(json.dumps(result, indent=2))
         elif args.command == "compress":
             from .finetune.runs import check_out, compress_run

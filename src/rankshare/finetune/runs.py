@@ -32,6 +32,7 @@ from .data import SKILLS, DataSplits, load_data
 from .models import (
     ModelSource,
     default_targets,
+    enable_checkpointing,
     head_modules,
     load_causal_lm,
     load_classifier,
@@ -204,8 +205,7 @@ class Workspace:
         else:
             base = load_causal_lm(self.source, self.job.dtype)
         if self.job.gradient_checkpointing:
-            # Non-reentrant: the frozen base's activations need no gradient for the adapters' to flow back.
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(base)
         return base
 
     def fresh_base(self):
@@ -329,6 +329,10 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
     for method, (_, note) in plans.items():
         if main:
             say(f"{method}: {note}")
+    if main and space.fitting:
+        say(f"max length {space.objective.max_length} tokens: " + "; ".join(
+            f"{split}: {counts['cut']} prompts cut from the left, {counts['skipped']} examples left out (the "
+            "response alone does not fit)" for split, counts in space.fitting.items()))
     records = []
     for method, (config, _) in plans.items():
         if config is None:
@@ -445,10 +449,11 @@ def load_basis(model: rs.AdaptedModel, run: dict, folder: Path, name: str) -> No
 
 
 def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "auto",
-                 text_column: str | None = None, label_column: str | None = None, peft_folder: Path | None = None
-                 ) -> dict:
+                 text_column: str | None = None, label_column: str | None = None, peft_folder: Path | None = None,
+                 base: bool = False) -> dict:
     """Metrics of a trained adapter on the validation and test splits of ``data`` (default: its own data);
-    with ``peft_folder``, of that PEFT adapter (e.g. the run's ``export``) on the run's base model instead."""
+    with ``peft_folder``, of that PEFT adapter (e.g. the run's ``export``) on the run's base model instead; with
+    ``base``, of the base model alone (the adapter disabled: what the run starts from)."""
     model, run, tokenizer, _ = load_trained(directory, device)
     if peft_folder is not None:
         model = _peft_model(run, peft_folder).to(next(model.parameters()).device).eval()
@@ -471,8 +476,9 @@ def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "
     objective = job_objective(run["kind"], tokenizer, tasks, job)
     if run["kind"] == "sft":
         splits = objective.fit_splits(splits)[0]
-    return evaluate(model, objective, replace(splits, tasks=tasks), run["settings"]["batch_size"],
-                    next(model.parameters()).device, quiet)
+    with model.disable_adapter() if base else contextlib.nullcontext():
+        return evaluate(model, objective, replace(splits, tasks=tasks), run["settings"]["batch_size"],
+                        next(model.parameters()).device, quiet)
 
 
 def run_gates(config: AdapterConfig, folder: Path, gates: list[float] | str | None, command: str):

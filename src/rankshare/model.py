@@ -435,6 +435,8 @@ class AdaptedModel(nn.Module):
             host.merge(gates)
 
     def unmerge(self) -> None:
+        """Take the merged update out of each base weight again, by subtraction: to float32 rounding for a float32
+        base, to within one ulp of the merged weight for a bfloat16 or float16 one (``AdaptedLinear.unmerge``)."""
         for host in self._hosts().values():
             host.unmerge()
 

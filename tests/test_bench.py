@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from rankshare.bench import bench_setup, parameter_scaling
+import rankshare as rs
+from rankshare.bench import bench_setup, parameter_scaling, run_bench, run_sft_bench
 from rankshare.bench.report import markdown
-from rankshare.bench.setups import synthetic_setup
+from rankshare.bench.setups import causal_setup, ours, peft_lora, synthetic_setup
+from rankshare.bench.sft import RELATIVE_UPDATE, adapter_updates, randomise_updates
+from rankshare.errors import RankshareError
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +91,101 @@ def test_report_renders(measured):
     assert "LoTR step / PEFT LoRA step" in text and "| 768 | 12 | 294,912 | 26,112 |" in text
     assert "## Many tasks on one base" in text and "LoTR on one basis / PEFT LoRA mixed batch" in text
     assert "| 16 | 8,192 | 8,192 | 131,072 | 131,072 | 0.062 |" in text
+
+
+# --- instruction tuning: the SFT step and generation speed on a causal LM ------------------------------------
+
+SKILLS = ["add", "reverse", "sort", "count", "date", "binary", "news", "sentiment"]
+GENERATORS = ["base", "LoTR r=8 merged", "LoTR r=8", "MoR N=8 r=8", "PEFT LoRA r=8"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_llama, tmp_path_factory) -> tuple:
+    """The sft section alone on the tiny LLaMA (no chat template: the plain prompt layout), 8 new tokens."""
+    out = tmp_path_factory.mktemp("sft-bench")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matrices this small only lose to more threads' synchronisation
+    try:
+        bench = run_sft_bench(out, repeats=2, warmup=1, say=lambda text: None, quiet=True, model=str(tiny_llama),
+                              length=48, new_tokens=8)
+    finally:
+        torch.set_num_threads(threads)
+    return out, bench
+
+
+def test_sft_section_times_every_variant(sft_run):
+    _, bench = sft_run
+    assert bench["sections"] == ["sft"] and bench["setups"] == [] and "parameter_scaling" not in bench
+    sft = bench["instruction_tuning"]
+    assert sft["layout"] == "plain" and sft["targets"] == ["q_proj", "v_proj"]
+    assert sft["batch"]["tasks"] == SKILLS and sft["batch"]["examples"] == 8  # one example of each task
+    rows, width = sft["batch"]["shape"]
+    assert rows == 8 and width <= 48 and 8 <= sft["batch"]["response_tokens"] < rows * width
+    assert [row["name"] for row in sft["sft_step"]] == ["PEFT LoRA r=8", "LoTR r=8", "MoR N=8 r=8"]
+    for row in sft["sft_step"]:
+        assert row["step"]["repeats"] == 2 and 0 < row["step"]["min"] <= row["step"]["median"]
+        assert row["adapter_parameters"] > 0
+    generation = sft["generation"]
+    assert generation["new_tokens"] == 8 and [row["name"] for row in generation["variants"]] == GENERATORS
+    for row in generation["variants"]:  # every model generates exactly 8 tokens for each of the 8 prompts
+        assert row["generated_tokens"] == 8 * 8 and row["time"]["repeats"] == 4
+        assert 0 < row["time"]["min"] <= row["time"]["median"]
+        assert row["tokens_per_second"] == pytest.approx(64 / row["time"]["median"])
+
+
+def test_sft_ratios_and_merged_lotr_generates_the_same_tokens(sft_run):
+    sft = sft_run[1]["instruction_tuning"]
+    steps = {row["name"]: row["step"]["median"] for row in sft["sft_step"]}
+    speed = {row["name"]: row["tokens_per_second"] for row in sft["generation"]["variants"]}
+    ratios = sft["ratios"]
+    assert ratios["step_lotr_over_lora"] == pytest.approx(steps["LoTR r=8"] / steps["PEFT LoRA r=8"])
+    assert ratios["step_mor_over_lora"] == pytest.approx(steps["MoR N=8 r=8"] / steps["PEFT LoRA r=8"])
+    assert ratios["generation_merged_lotr_over_base"] == pytest.approx(speed["LoTR r=8 merged"] / speed["base"])
+    assert ratios["generation_lotr_over_lora"] == pytest.approx(speed["LoTR r=8"] / speed["PEFT LoRA r=8"])
+    assert ratios["generation_mor_over_lora"] == pytest.approx(speed["MoR N=8 r=8"] / speed["PEFT LoRA r=8"])
+    assert all(math.isfinite(value) and value > 0 for value in ratios.values())
+    merged = sft["generation"]["merged_lotr"]
+    assert merged["tokens_equal"] is True and merged["token_agreement"] == 1.0
+    differs = {row["name"]: row["differs_from_base"] for row in sft["generation"]["variants"]}
+    assert differs["base"] == 0 and differs["LoTR r=8"] > 0  # the agreement above is not the base's with itself
+
+
+def test_sft_report_shows_the_tables_and_verdicts(sft_run):
+    out, bench = sft_run
+    text = (out / "bench.md").read_text(encoding="utf-8")
+    assert text == markdown(bench) and "## Instruction tuning — llama (causal LM)" in text
+    assert "| variant | adapter params | SFT step (median) |" in text
+    assert "| model | tokens | median | tokens/s |" in text
+    assert "SFT step, LoTR r=8 / PEFT LoRA r=8 = " in text and "(target ≤ 1.05)" in text
+    assert "SFT step, MoR N=8 r=8 / PEFT LoRA r=8 = " in text and "(target ≤ 1.25)" in text
+    assert "generation tokens/s, LoTR r=8 merged / base = " in text and "(target ≥ 0.98)" in text
+    assert "LoTR r=8 unmerged / PEFT LoRA r=8 unmerged" in text and "MoR N=8 r=8 unmerged" in text
+    assert "merged LoTR generates the unmerged LoTR's tokens: yes" in text
+    assert not (out / "bench_step_ratios.png").exists()  # no models section: no plots of it
+
+
+def test_report_renders_both_sections(measured, sft_run):
+    bench = {**sft_run[1], "sections": ["models", "sft"], "setups": [measured],
+             "parameter_scaling": parameter_scaling()}
+    text = markdown(bench)
+    assert "## Many tasks on one base" in text and "## Instruction tuning" in text
+    assert text.index("LoTR step / PEFT LoRA step") < text.index("SFT step, LoTR r=8 / PEFT LoRA r=8")
+
+
+def test_randomised_updates_are_a_fixed_share_of_the_weights(tiny_llama):
+    setup = causal_setup(str(tiny_llama), batch=8, length=48)
+    variants = [peft_lora(setup, 8, task_type="CAUSAL_LM"),
+                ours(setup, rs.LotrConfig(rank=8, target_modules=setup.targets), "LoTR"),
+                ours(setup, rs.MorConfig(rank=8, num_experts=8, target_modules=setup.targets), "MoR")]
+    for variant in variants:
+        assert all(update().abs().max() == 0 for _, update, _ in adapter_updates(variant.model))  # zero at init
+        randomise_updates(variant)
+        layers = list(adapter_updates(variant.model))
+        assert len(layers) == 4  # q and v in 2 layers
+        for _, update, weight in layers:
+            assert update().norm().item() == pytest.approx(RELATIVE_UPDATE * weight.norm().item(), rel=1e-4)
+
+
+def test_unknown_bench_sections_are_refused(tmp_path):
+    with pytest.raises(RankshareError, match="Unknown bench section"):
+        run_bench(tmp_path, False, 1, sections=("speed",))

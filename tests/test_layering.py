@@ -19,7 +19,7 @@ LAYERS = [
     {"config", "layer", "slots", "targets", "mixture", "lotr", "mor", "moelora", "peft_lora"},  # the methods
     {"persistence"},  # adapter files
     {"model"},  # surgery
-    {"__init__", "integrations", "export", "compress"},
+    {"__init__", "integrations", "sft", "export", "compress"},
     {"finetune"},
     {"bench", "study"},
     {"cli"},

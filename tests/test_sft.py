@@ -144,8 +144,8 @@ def test_an_instruction_file_splits_each_task_apart_and_never_shares_a_prompt(tm
     assert sum(map(len, prompts)) == 60 and not (prompts[0] & prompts[1] or prompts[0] & prompts[2]
                                                  or prompts[1] & prompts[2])
     assert load_data(str(path), task_column="task").test == splits.test  # the seed decides the split
-    messages = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
-                for r in addition_rows()]
+    messages = [{"messages": [{"role": "user", "content": r["prompt"]},
+                              {"role": "assistant", "content": r["response"]}]} for r in addition_rows()]
     from_messages = load_data(str(write_jsonl(tmp_path / "chat.jsonl", messages)))
     assert from_messages.tasks == {"chat": []} and from_messages.train[0].turns[-1][0] == "assistant"
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from rankshare.finetune import skills
-from rankshare.finetune.data import Instruction, load_data
+from rankshare.finetune.data import Instruction, builtin_splits, load_data
 from rankshare.finetune.skills import skill_tasks
 
 SYNTHETIC = ("add", "reverse", "sort", "count", "date", "binary")
@@ -22,7 +22,7 @@ MONTHS = ["january", "february", "march", "april", "may", "june", "july", "augus
 
 @pytest.fixture(scope="module")
 def by_seed() -> dict[int, dict]:
-    return {seed: skill_tasks(seed) for seed in (0, 1)}
+    return {seed: skill_tasks(seed, builtin_splits(seed)) for seed in (0, 1)}
 
 
 def _key(prompt: str) -> str:
@@ -35,7 +35,7 @@ def _flat(tasks: dict) -> list[tuple[str, int, tuple, str]]:
 
 
 def test_the_same_seed_gives_the_same_examples_and_another_seed_others(by_seed):
-    assert _flat(skill_tasks(0)) == _flat(by_seed[0])
+    assert _flat(skill_tasks(0, builtin_splits(0))) == _flat(by_seed[0])
     for task in by_seed[0]:
         prompts = [[e.prompt for e in split] for split in by_seed[0][task][1]]
         others = [[e.prompt for e in split] for split in by_seed[1][task][1]]

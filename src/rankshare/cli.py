@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "under 30 minutes "
                                 "on 2 CPU cores. Writes bench.json, bench.md and plots.")
     bench.add_argument("--full", action="store_true", help="all models and variants (default: quick)")
+    bench.add_argument("--only", choices=["models", "sft"], help="run one section: models (the tables above), or sft "
+                       "(the SFT step and generation speed on SmolLM2); default: models, and with --full both")
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed rounds (default: %(default)s)")
     bench.add_argument("--out", type=Path, help="results folder (default: runs/<time>-bench)")
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -490,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench"
             check_out(out, args.overwrite)
             bench = run_bench(out, args.full, args.repeats, quiet=args.quiet,
+                              sections=(args.only,) if args.only else None,
                               say=lambda text: print(text, file=sys.stderr))
             print(markdown(bench))
             print(f"results in {out}", file=sys.stderr)

@@ -121,8 +121,8 @@ class AdapterCheckpoints:
 
     Trainer has no public hook for how a checkpoint's model is written and read back, so this overrides its
     private ``_save``, ``_load_from_checkpoint`` and ``_load_best_model`` (and ``_set_signature_columns_if_needed``),
-    as every library that saves something else than a full model does; tested with transformers 5.x
-    (``tests/test_trainer.py``).
+    as libraries that save something else than a full model do; checked with transformers 5.24 and TRL 1.16
+    (``tests/test_trainer.py``, ``tests/test_trl.py``).
     """
 
     _plain_trainer = "transformers.Trainer"  # what to use for a model without adapters

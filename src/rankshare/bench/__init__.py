@@ -2,6 +2,11 @@
 
 Every variant of a model shares that model's frozen weights and is measured in the same process, round
 after round in rotating order, so that ratios between variants are fair even on a busy machine.
+
+Sections: ``models`` (each model's training variants, forward, memory, files, merged inference, many tasks) and
+``sft`` (instruction tuning on a causal LM: the SFT step on a skills batch and greedy generation speed; see
+``sft.py``). The quick bench runs ``models`` on MiniLM alone (an encoder: nothing to generate); the full bench
+runs both, ``sft`` on SmolLM2.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..atomic_files import replace_file
+from ..errors import RankshareError
 from ..finetune.progress import progress
 from ..finetune.train import versions
 from ..lotr import LotrConfig
@@ -30,9 +36,12 @@ from .measure import (
     training_memory,
 )
 from .report import write_bench_report
-from .setups import Setup, build_variants, packaged_setup, synthetic_setup
+from .setups import Setup, build_variants, causal_setup, packaged_setup, synthetic_setup
+from .sft import NEW_TOKENS, instruction_tuning
 
 RANK, NUM_EXPERTS = 8, 8
+SECTIONS = ("models", "sft")
+SFT_EXAMPLES, SFT_LENGTH = 8, 128  # one skills example per task, prompt + response within 128 tokens
 
 
 def setups(full: bool):
@@ -89,18 +98,31 @@ def parameter_scaling() -> list[dict]:
     return rows
 
 
-def run_bench(out: Path, full: bool, repeats: int, warmup: int = 2, say=print, quiet: bool = False) -> dict:
+def run_bench(out: Path, full: bool, repeats: int, warmup: int = 2, say=print, quiet: bool = False,
+              sections: tuple[str, ...] | None = None, sft_model: str = "smollm2", sft_options: dict | None = None
+              ) -> dict:
+    """Measure ``sections`` (default: ``models`` and, with ``full``, ``sft``) and write bench.json, bench.md and
+    plots to ``out``. ``full`` chooses the models of ``models``; ``sft`` runs on ``sft_model`` (a causal LM), with
+    ``sft_options`` for ``sft_section`` (``examples``, ``length``, ``new_tokens``)."""
+    sections = tuple(sections) if sections else SECTIONS if full else ("models",)
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        raise RankshareError(f"Unknown bench section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}.")
     started = time.perf_counter()
     results = []
-    makers = list(setups(full))
-    with progress(len(makers), "bench", "models", quiet) as bar:
+    makers = list(setups(full)) if "models" in sections else []
+    with progress(len(makers) + ("sft" in sections), "bench", "models", quiet) as bar:
         for make in makers:
             setup = make()
             results.append(bench_setup(setup, repeats, warmup, full, say))
             del setup
             bar.update()
+        if "sft" in sections:
+            sft = sft_section(sft_model, repeats, warmup, say, **(sft_options or {}))
+            bar.update()
     bench = {
         "mode": "full" if full else "quick",
+        "sections": list(sections),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "device": "cpu", "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
@@ -108,10 +130,26 @@ def run_bench(out: Path, full: bool, repeats: int, warmup: int = 2, say=print, q
         "repeats": repeats,
         "warmup": warmup,
         "setups": results,
-        "parameter_scaling": parameter_scaling(),
-        "wall_seconds": time.perf_counter() - started,
     }
+    if "models" in sections:
+        bench["parameter_scaling"] = parameter_scaling()
+    if "sft" in sections:
+        bench["instruction_tuning"] = sft
+    bench["wall_seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     replace_file(out / "bench.json", (json.dumps(bench, indent=2) + "\n").encode("utf-8"))
     write_bench_report(out, bench)
     return bench
+
+
+def sft_section(model: str, repeats: int, warmup: int, say=print, examples: int = SFT_EXAMPLES,
+                length: int = SFT_LENGTH, new_tokens: int = NEW_TOKENS) -> dict:
+    """The instruction-tuning record of the causal LM ``model`` (``smollm2`` or a model folder)."""
+    setup = causal_setup(model, batch=examples, length=length)
+    return instruction_tuning(setup, RANK, NUM_EXPERTS, repeats, warmup, new_tokens, say)
+
+
+def run_sft_bench(out: Path, repeats: int, warmup: int = 2, say=print, quiet: bool = False,
+                  model: str = "smollm2", **options) -> dict:
+    """The instruction-tuning section alone (``rankshare bench --only sft``); ``options`` as for ``sft_section``."""
+    return run_bench(out, True, repeats, warmup, say, quiet, sections=("sft",), sft_model=model, sft_options=options)

@@ -18,11 +18,19 @@ from .setups import Setup, Variant, lotr_tasks, peft_lora_tasks, task_names, wei
 TASKS, TASK_COUNTS = 8, (1, 2, 4, 8, 16)
 
 
-def train_step(variant: Variant, inputs: dict) -> None:
-    """Forward, backward and an AdamW step (where there is anything to update)."""
+def classification_loss(model, inputs: dict) -> torch.Tensor:
     batch = {k: v for k, v in inputs.items() if k != "labels"}
-    loss = F.cross_entropy(variant.model(**batch).logits.float(), inputs["labels"])
-    loss.backward()
+    return F.cross_entropy(model(**batch).logits.float(), inputs["labels"])
+
+
+def lm_loss(model, inputs: dict) -> torch.Tensor:
+    """A causal LM's own loss over its labelled tokens (instruction tuning: the responses')."""
+    return model(**inputs).loss
+
+
+def train_step(variant: Variant, inputs: dict, loss=classification_loss) -> None:
+    """Forward, backward and an AdamW step (where there is anything to update)."""
+    loss(variant.model, inputs).backward()
     if variant.optimiser is not None:
         variant.optimiser.step()
         variant.optimiser.zero_grad(set_to_none=True)

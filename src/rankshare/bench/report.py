@@ -55,8 +55,8 @@ def task_ratios(setup: dict) -> list[tuple[str, dict, dict, float]]:
     return ratios
 
 
-def _verdict(value: float, bound: float) -> str:
-    return "met" if value <= bound else "MISSED"
+def _verdict(value: float, bound: float, at_least: bool = False) -> str:
+    return "met" if (value >= bound if at_least else value <= bound) else "MISSED"
 
 
 def targets(bench: dict) -> list[str]:
@@ -95,7 +95,100 @@ def targets(bench: dict) -> list[str]:
                 if v["file"]["bytes"] > bound:
                     lines.append(f"- {setup['name']}: {v['name']} file {v['file']['bytes']:,} B > bound "
                                  f"{bound:,.0f} B — MISSED")
+    if bench.get("instruction_tuning"):
+        lines += sft_targets(bench["instruction_tuning"])
     return lines
+
+
+def _generation(sft: dict) -> dict[str, dict]:
+    return {row["name"]: row for row in sft["generation"]["variants"]}
+
+
+def sft_ratios(sft: dict) -> list[tuple[str, float, float, float | None, bool]]:
+    """The instruction-tuning ratios: (what, ratio of medians, ratio of fastest runs, target or None, whether the
+    target is a lower bound). Step ratios are of times; generation ratios of tokens per second."""
+    steps = {row["name"]: row["step"] for row in sft["sft_step"]}
+    lora, lotr, mor = (row["name"] for row in sft["sft_step"])  # in this order in the record
+    rows = [(f"SFT step, {lotr} / {lora}", 1.05, lotr, lora), (f"SFT step, {mor} / {lora}", 1.25, mor, lora)]
+    ratios = [(label, steps[a]["median"] / steps[b]["median"], steps[a]["min"] / steps[b]["min"], bound, False)
+              for label, bound, a, b in rows]
+    generated = _generation(sft)
+    merged, base = generated[f"LoTR r={sft['rank']} merged"], generated["base"]
+
+    def speed(a: dict, b: dict, key: str) -> float:  # tokens per second of a over b's
+        return (a["generated_tokens"] / a["time"][key]) / (b["generated_tokens"] / b["time"][key])
+
+    ratios.append((f"generation tokens/s, {merged['name']} / base", speed(merged, base, "median"),
+                   speed(merged, base, "min"), 0.98, True))
+    for name in (lotr, mor):
+        ratios.append((f"generation tokens/s, {name} unmerged / {lora} unmerged",
+                       speed(generated[name], generated[lora], "median"),
+                       speed(generated[name], generated[lora], "min"), None, False))
+    return ratios
+
+
+def sft_targets(sft: dict) -> list[str]:
+    lines = []
+    for label, ratio, fastest, bound, at_least in sft_ratios(sft):
+        if bound is None:
+            lines.append(f"- {sft['name']}, instruction tuning: {label} = {ratio:.3f} (fastest runs {fastest:.3f}; "
+                         "no target)")
+        else:
+            sign = "≥" if at_least else "≤"
+            lines.append(f"- {sft['name']}, instruction tuning: {label} = {ratio:.3f} (target {sign} {bound}) — "
+                         f"{_verdict(ratio, bound, at_least)}")
+    check = sft["generation"]["merged_lotr"]
+    lotr = _generation(sft)[f"LoTR r={sft['rank']}"]
+    lines.append(f"- {sft['name']}, instruction tuning: merged LoTR generates the unmerged LoTR's tokens: "
+                 f"{'yes' if check['tokens_equal'] else 'NO'} ({100 * check['token_agreement']:.1f}% of "
+                 f"{lotr['generated_tokens']} tokens agree; LoTR's update changes "
+                 f"{100 * lotr['differs_from_base']:.0f}% of the base's tokens)")
+    return lines
+
+
+def instruction_tuning(sft: dict) -> str:
+    """The instruction-tuning section: how it was measured, the SFT step table and the generation table."""
+    batch, generation = sft["batch"], sft["generation"]
+    rows, width = batch["shape"]
+    lines = [f"SFT on a skills batch: {batch['examples']} training examples (tasks {', '.join(batch['tasks'])}), "
+             f"{sft['layout']} prompt layout, prompt + response within {batch['max_length']} tokens, padded to "
+             f"{rows} × {width}; the loss is over the {batch['response_tokens']} response tokens. Rank "
+             f"{sft['rank']} on {', '.join(sft['targets'])}; every adapter's zero-initialised factor (LoRA's and "
+             f"MoR's B, LoTR's cores) is set at random with ‖ΔW‖ = {sft['relative_update']:g} ‖W‖ per layer. "
+             "Train step = forward with labels + backward + AdamW step.", "",
+             "| variant | adapter params | SFT step (median) | fastest | × PEFT LoRA (medians) | "
+             "× PEFT LoRA (fastest) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lora = sft["sft_step"][0]["step"]
+    for row in sft["sft_step"]:
+        step = row["step"]
+        lines.append(f"| {row['name']} | {row['adapter_parameters']:,} | {1000 * step['median']:.0f} ms | "
+                     f"{1000 * step['min']:.0f} ms | {step['median'] / lora['median']:.3f}× | "
+                     f"{step['min'] / lora['min']:.3f}× |")
+    generated = _generation(sft)
+    base, peft = generated["base"], generated[sft["sft_step"][0]["name"]]
+    lines += ["", f"Greedy generation of exactly {generation['new_tokens']} new tokens from each of the {rows} "
+              f"prompts (left padded to {batch['prompt_width']} tokens, KV cache on); interleaved rounds, "
+              f"{base['time']['repeats']} timed. Merged LoTR: `merge_and_unload` of a copy; the other adapters "
+              "unmerged.", "",
+              "| model | tokens | median | tokens/s | × base | × PEFT LoRA unmerged | tokens/s (fastest) | "
+              "tokens ≠ base |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in generation["variants"]:
+        fastest = row["generated_tokens"] / row["time"]["min"]
+        lines.append(f"| {row['name']} | {row['generated_tokens']} | {1000 * row['time']['median']:.0f} ms | "
+                     f"{row['tokens_per_second']:.1f} | {row['tokens_per_second'] / base['tokens_per_second']:.3f}× | "
+                     f"{row['tokens_per_second'] / peft['tokens_per_second']:.3f}× | {fastest:.1f} | "
+                     f"{100 * row['differs_from_base']:.0f}% |")
+    lines += ["", "| ratio | × (medians) | × (fastest runs) | target | verdict |", "| --- | ---: | ---: | ---: | --- |"]
+    for label, ratio, fastest, bound, at_least in sft_ratios(sft):
+        target = "—" if bound is None else f"{'≥' if at_least else '≤'} {bound}"
+        verdict = "—" if bound is None else _verdict(ratio, bound, at_least)
+        lines.append(f"| {label} | {ratio:.3f}× | {fastest:.3f}× | {target} | {verdict} |")
+    check = generation["merged_lotr"]
+    lines += ["", f"Merged LoTR against unmerged LoTR: {100 * check['token_agreement']:.1f}% of the generated tokens "
+              f"agree ({'all' if check['tokens_equal'] else 'NOT all'})."]
+    return "\n".join(lines)
 
 
 def many_tasks(setup: dict) -> str:
@@ -132,19 +225,25 @@ def scaling_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _sections(bench: dict) -> str:
+    sections = bench.get("sections")
+    return f" (sections: {', '.join(sections)})" if sections else ""
+
+
 def markdown(bench: dict) -> str:
     machine, versions = bench["machine"], bench["versions"]
     parts = [
         "# rankshare benchmark",
-        f"Mode {bench['mode']}; {machine['processor']}, {machine['cpus']} CPUs, "
+        f"Mode {bench['mode']}{_sections(bench)}; {machine['processor']}, {machine['cpus']} CPUs, "
         f"{machine['torch_threads']} torch threads, "
         f"device {machine['device']}; torch {versions['torch']}, transformers {versions['transformers']}, peft "
         f"{versions['peft']}. Medians of {bench['repeats']} interleaved repeats after {bench['warmup']} "
         "warm-up rounds; "
         f"wall time {bench['wall_seconds'] / 60:.1f} min.",
-        "Train step = forward + backward + AdamW step (batch of random tokens, cross-entropy on a 4-class head). "
-        "The limit is the frozen model with gradients flowing back to the input embeddings and no weight gradients. "
-        "Train memory = tensors saved for backward (weights excluded) + gradients + AdamW moments.",
+        *(["Train step = forward + backward + AdamW step (batch of random tokens, cross-entropy on a 4-class head). "
+           "The limit is the frozen model with gradients flowing back to the input embeddings and no weight "
+           "gradients. Train memory = tensors saved for backward (weights excluded) + gradients + AdamW moments."]
+          if bench["setups"] else []),
         "## Targets",
         "\n".join(targets(bench)),
     ]
@@ -160,16 +259,26 @@ def markdown(bench: dict) -> str:
             parts.append("\n".join(rows))
         if setup.get("many_tasks"):
             parts += [f"## Many tasks on one base — {setup['name']}", many_tasks(setup)]
-    parts += ["## Trainable parameters as d and L grow (q and v projections, r = 8)",
-              scaling_table(bench["parameter_scaling"]),
-              "![step time against the limit](bench_step_ratios.png)",
-              "![parameters against depth](bench_parameters.png)"]
+    sft = bench.get("instruction_tuning")
+    if sft:
+        parts += [f"## Instruction tuning — {sft['description']}", instruction_tuning(sft)]
+    if bench.get("parameter_scaling"):
+        parts += ["## Trainable parameters as d and L grow (q and v projections, r = 8)",
+                  scaling_table(bench["parameter_scaling"])]
+    if bench["setups"]:
+        parts.append("![step time against the limit](bench_step_ratios.png)")
+    if bench.get("parameter_scaling"):
+        parts.append("![parameters against depth](bench_parameters.png)")
     return "\n\n".join(parts) + "\n"
 
 
 def write_bench_report(out: Path, bench: dict) -> None:
     replace_file(out / "bench.md", markdown(bench).encode("utf-8"))
-    figures = (("bench_step_ratios.png", _plot_step_ratios(bench)), ("bench_parameters.png", _plot_parameters(bench)))
+    figures = []
+    if bench["setups"]:
+        figures.append(("bench_step_ratios.png", _plot_step_ratios(bench)))
+    if bench.get("parameter_scaling"):
+        figures.append(("bench_parameters.png", _plot_parameters(bench)))
     for name, figure in figures:
         png = io.BytesIO()
         figure.savefig(png, format="png", dpi=120)

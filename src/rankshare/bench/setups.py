@@ -12,7 +12,7 @@ from torch import nn
 import rankshare as rs
 
 from ..finetune.budget import closest_rank
-from ..finetune.models import load_classifier, resolve_model
+from ..finetune.models import load_causal_lm, load_classifier, load_tokenizer, resolve_model
 from ..targets import target_shapes
 
 NUM_LABELS = 4
@@ -20,7 +20,8 @@ NUM_LABELS = 4
 
 @dataclass
 class Setup:
-    """A model to benchmark: a sequence classifier, its adapter targets and one batch."""
+    """A model to benchmark: a sequence classifier (or a causal LM with its tokenizer), its adapter targets and
+    one batch (``batch`` rows of ``length`` tokens; for a causal LM, ``batch`` examples of at most ``length``)."""
 
     name: str
     model: nn.Module
@@ -28,6 +29,7 @@ class Setup:
     batch: int
     length: int
     description: str
+    tokenizer: object | None = None
 
     def inputs(self, seed: int = 0) -> dict:
         generator = torch.Generator().manual_seed(seed)
@@ -47,6 +49,17 @@ def packaged_setup(name: str, batch: int, length: int) -> Setup:
     targets = ["query", "value"] if name == "minilm" else ["q_proj", "v_proj"]
     layers = model.config.num_hidden_layers
     return Setup(name, model, targets, batch, length, f"{name}: {layers} layers, d = {model.config.hidden_size}")
+
+
+def causal_setup(spec: str, batch: int, length: int) -> Setup:
+    """A causal LM with its tokenizer (``smollm2``, or a model folder), adapted on q and v, for instruction tuning."""
+    torch.manual_seed(0)
+    source = resolve_model(spec)
+    model = load_causal_lm(source).eval().requires_grad_(False)
+    name = spec if spec in ("minilm", "smollm2") else model.config.model_type
+    layers = model.config.num_hidden_layers
+    return Setup(name, model, ["q_proj", "v_proj"], batch, length,
+                 f"{name} (causal LM): {layers} layers, d = {model.config.hidden_size}", load_tokenizer(source))
 
 
 def synthetic_setup(hidden: int, layers: int, batch: int, length: int) -> Setup:
@@ -103,11 +116,13 @@ def head_only(setup: Setup) -> Variant:
     return Variant("head only", model).finish()
 
 
-def peft_lora(setup: Setup, rank: int) -> Variant:
+def peft_lora(setup: Setup, rank: int, task_type: str | None = None) -> Variant:
+    """``task_type``: PEFT's wrapper (``"CAUSAL_LM"`` for a causal LM, whose ``generate`` PEFT prepares)."""
     import peft
 
     torch.manual_seed(1)
-    config = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=setup.targets)
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=setup.targets,
+                             task_type=task_type)
     model = peft.get_peft_model(weight_sharing_copy(setup.model), config)
     return Variant(f"PEFT LoRA r={rank}", model, adapter_parameters=_trainable(model)).finish()
 

@@ -38,38 +38,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from ..errors import RankshareError
-
-
-@dataclass(frozen=True)
-class Example:
-    text: str
-    label: int  # index into its task's label names
-    task: str  # "news", "sentiment", or the user's data name
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """An instruction-tuning example: a conversation whose last turn, the assistant's, is the answer to learn."""
-
-    turns: tuple[tuple[str, str], ...]  # (role, content) pairs, the last one ("assistant", response)
-    task: str
-
-    @classmethod
-    def of(cls, prompt: str, response: str, task: str) -> Instruction:
-        return cls((("user", prompt), ("assistant", response)), task)
-
-    @property
-    def context(self) -> tuple[tuple[str, str], ...]:
-        return self.turns[:-1]
-
-    @property
-    def prompt(self) -> str:
-        """The turns before the answer as plain text, one per line (the plain layout's prompt)."""
-        return "\n".join(content for _, content in self.context)
-
-    @property
-    def response(self) -> str:
-        return self.turns[-1][1]
+from .examples import Example, Instruction
 
 
 @dataclass
@@ -152,7 +121,7 @@ def _resolve(spec: str, text_column: str, label_column: str, seed: int, columns:
     if spec == SKILLS:
         from .skills import skill_tasks
 
-        return skill_tasks(seed)
+        return skill_tasks(seed, builtin_splits(seed))
     names = spec.split("+")
     if all(name in BUILTIN for name in names):
         if len(set(names)) < len(names):
@@ -178,6 +147,11 @@ def _resolve(spec: str, text_column: str, label_column: str, seed: int, columns:
 
 
 # --- built-in corpora ---------------------------------------------------------------------------------------
+
+
+def builtin_splits(seed: int) -> dict[str, Split]:
+    """Every built-in corpus, cleaned and split by ``seed``: name -> (label names, [train, validation, test])."""
+    return {name: _split_task(name, *_builtin(name), seed) for name in BUILTIN}
 
 
 @cache

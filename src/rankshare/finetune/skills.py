@@ -23,13 +23,14 @@ The news and sentiment prompts put the question after the text: a prompt too lon
 the left, which then loses text but keeps the question.
 
 Each synthetic task has ``TRAIN_SIZE`` training, ``EVAL_SIZE`` validation and ``EVAL_SIZE`` test examples; news
-and sentiment take at most as many from the splits of the built-in corpora (``load_data("news")``, ...).
+and sentiment take at most as many from the splits of the built-in corpora (``data.builtin_splits``).
 How hard a synthetic task is is set by the constants beside its generator.
 
 Guarantees, for every seed: train, validation and test never share a prompt, and no prompt is twice in one
-split (prompts compared after collapsing whitespace and case); each split is in random order, so a prefix is a
-random sample. The same seed gives the same examples byte for byte (each task draws from its own
-``random.Random(f"{seed}/{task}")``), another seed gives other examples.
+split (prompts compared after collapsing whitespace and case); each split is in random order (news and
+sentiment: in the built-ins' stratified order), so a prefix is a fair sample. The same seed gives the same
+examples byte for byte (each task draws from its own ``random.Random(f"{seed}/{task}")``), another seed gives
+other examples.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import random
 from collections.abc import Callable
 
 from ..errors import RankshareError
-from .data import Instruction, load_data
+from .examples import Instruction
 
 TRAIN_SIZE = 2000  # training examples per task
 EVAL_SIZE = 200  # validation examples per task, and as many test examples
@@ -153,9 +154,10 @@ PHRASED: dict[str, Callable[[str, list[str]], str]] = {"news": _news_prompt, "se
 # --- filling the splits --------------------------------------------------------------------------------------
 
 
-def skill_tasks(seed: int) -> dict[str, Split]:
-    """Task name -> ([], [train, validation, test]) for every task of the module docstring."""
-    return {**synthetic_tasks(seed), **phrased_tasks(seed)}
+def skill_tasks(seed: int, corpora: dict[str, tuple[list[str], list[list]]]) -> dict[str, Split]:
+    """Task name -> ([], [train, validation, test]) for every task of the module docstring; ``corpora`` are the
+    built-in classification tasks as data.py splits them (name -> (label names, [train, validation, test]))."""
+    return {**synthetic_tasks(seed), **phrased_tasks(corpora)}
 
 
 def synthetic_tasks(seed: int) -> dict[str, Split]:
@@ -181,13 +183,13 @@ def synthetic_tasks(seed: int) -> dict[str, Split]:
     return tasks
 
 
-def phrased_tasks(seed: int) -> dict[str, Split]:
-    """News and sentiment: the built-in splits (already disjoint and in random order), capped and phrased."""
+def phrased_tasks(corpora: dict[str, tuple[list[str], list[list]]]) -> dict[str, Split]:
+    """News and sentiment: the built-in splits (disjoint, each in an order whose prefixes keep the label balance),
+    capped and phrased."""
     tasks = {}
     for task, phrase in PHRASED.items():
-        splits = load_data(task, seed=seed)
-        labels = splits.tasks[task]
-        given = [splits.train[:TRAIN_SIZE], splits.validation[:EVAL_SIZE], splits.test[:EVAL_SIZE]]
+        labels, (train, validation, test) = corpora[task]
+        given = [train[:TRAIN_SIZE], validation[:EVAL_SIZE], test[:EVAL_SIZE]]
         # Distinct texts can give one prompt once cut short; keep such a prompt once, in test before validation
         # before train, as the synthetic tasks do.
         seen: set[str] = set()

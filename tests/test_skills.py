@@ -15,9 +15,7 @@ from rankshare.finetune import skills
 from rankshare.finetune.data import Instruction, builtin_splits, load_data
 from rankshare.finetune.skills import skill_tasks
 
-SYNTHETIC = ("add", "reverse", "sort", "count", "date", "binary")
-MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
-          "november", "december"]
+SYNTHETIC = ("add", "reverse", "sort", "count", "date", "time")
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +103,21 @@ def _expected(task: str, prompt: str) -> str:
         letter = re.search(r"the letter (\w) appear", prompt).group(1)
         return str(_list(prompt).count(letter))
     if task == "date":
-        given = re.search(r"the date (.*?) in the form", prompt).group(1)
-        if iso := re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})", given):
-            year, month, day = iso.groups()
-        else:
-            day, name, year = given.split()
-            day, month = f"{int(day):02d}", f"{MONTHS.index(name.lower()) + 1:02d}"
-        return f"{day}/{month}/{year}"
-    if task == "binary":
-        return bin(int(re.search(r"the number (\d+) in binary", prompt).group(1)))[2:]
+        found = re.search(r"the date (\d+) days? after (\d{4})-(\d{2})-(\d{2})", prompt)
+        days, year, month, day = map(int, found.groups())
+        lengths = [31, 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28, 31, 30, 31, 30, 31, 31, 30,
+                   31, 30, 31]
+        day += days
+        if day > lengths[month - 1]:  # at most 9 days later: one month's end at most
+            day, month = day - lengths[month - 1], month + 1
+            if month == 13:
+                month, year = 1, year + 1
+        return f"{year:04d}-{month:02d}-{day:02d}"
+    if task == "time":
+        hour, minute, second = re.search(r"the time (\d{2}):(\d{2}):(\d{2}) in", prompt).groups()
+        hour = int(hour)
+        shown = {0: 12, **{h: h for h in range(1, 13)}, **{h: h - 12 for h in range(13, 24)}}[hour]
+        return f"{shown}:{minute}:{second} {'PM' if hour >= 12 else 'AM'}"
     raise AssertionError(task)
 
 
@@ -131,12 +135,13 @@ def test_the_synthetic_difficulty_follows_the_constants(by_seed):
     assert all(len(_list(e.prompt)) == skills.REVERSE_LENGTH for e in by_seed[0]["reverse"][1][0][:50])
     assert all(len(_list(e.prompt)) == skills.SORT_LENGTH for e in by_seed[0]["sort"][1][0][:50])
     assert all(len(_list(e.prompt)) == skills.COUNT_LENGTH for e in by_seed[0]["count"][1][0][:50])
-    assert all(1 <= int(e.response, 2) <= skills.BINARY_MAX for e in by_seed[0]["binary"][1][0])
+    days = [int(re.search(r"date (\d+) days? after", e.prompt).group(1)) for e in by_seed[0]["date"][1][0]]
+    assert set(days) == set(range(1, skills.DATE_MAX_DAYS + 1))
 
 
 def test_a_setting_too_narrow_for_distinct_prompts_is_an_error_not_a_hang(monkeypatch):
-    monkeypatch.setattr(skills, "BINARY_MAX", 300)  # 300 numbers cannot give 2400 distinct prompts
-    with pytest.raises(ValueError, match="'binary' gave only 300 distinct prompts"):
+    monkeypatch.setattr(skills, "SORT_MAX", 3)  # lists of 5 numbers of 1..3 give 3**5 = 243 distinct prompts
+    with pytest.raises(ValueError, match="'sort' gave only 243 distinct prompts"):
         skills.synthetic_tasks(0)
 
 

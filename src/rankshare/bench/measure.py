@@ -100,10 +100,10 @@ def merged_inference(setup: Setup, lotr: Variant, mor: Variant, inputs: dict, re
     """Inference of the untouched base against merged LoTR and MoR (constant gates 1/N), with output checks."""
     base = setup.model.eval()
     reference_lotr = forward(lotr.model.eval(), inputs)
-    merged_lotr = _merged_copy(lotr, gates=None)
+    merged_lotr = merged_copy(lotr, gates=None)
     num_experts = next(iter(mor.model.adapter_layers().values())).num_experts
     gates = torch.full((num_experts,), 1 / num_experts)
-    merged_mor = _merged_copy(mor, gates=gates)
+    merged_mor = merged_copy(mor, gates=gates)
     constant = _constant_gates_output(mor, inputs)
     times = interleaved_times({
         "base": lambda: forward(base, inputs),
@@ -119,7 +119,7 @@ def merged_inference(setup: Setup, lotr: Variant, mor: Variant, inputs: dict, re
     }
 
 
-def _merged_copy(variant: Variant, gates):
+def merged_copy(variant: Variant, gates):
     """merge_and_unload on a real copy (merging writes into the weights, which the variants share)."""
     return copy.deepcopy(variant.model).merge_and_unload(gates=gates).eval()
 

@@ -23,7 +23,7 @@ import rankshare as rs
 from ..finetune.data import Instruction, load_data
 from ..finetune.objectives import IGNORE, InstructionTuning
 from ..layer import dense_weight
-from .measure import _merged_copy, interleaved_times, lm_loss, train_step
+from .measure import interleaved_times, lm_loss, merged_copy, train_step
 from .setups import Setup, Variant, ours, peft_lora
 
 NEW_TOKENS = 32  # generated per prompt
@@ -39,14 +39,6 @@ def skills_batch(setup: Setup, seed: int = 0) -> tuple[InstructionTuning, list[I
     by_task = {task: [e for e in splits.train if e.task == task and objective.encode_pair(e)] for task in splits.tasks}
     tasks = list(splits.tasks)
     return objective, [by_task[tasks[i % len(tasks)]][i // len(tasks)] for i in range(setup.batch)]
-
-
-def prompt_inputs(objective: InstructionTuning, examples: list[Instruction]) -> dict:
-    """The examples' prompts as ``InstructionTuning.generate`` gives them to the model: padded on the left."""
-    prompts = [objective.prompt_ids(e.context) for e in examples]
-    width, pad = max(map(len, prompts)), objective.tokenizer.pad_token_id
-    return {"input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts]),
-            "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])}
 
 
 @torch.no_grad()
@@ -91,7 +83,7 @@ def instruction_tuning(setup: Setup, rank: int, num_experts: int, repeats: int, 
     the unmerged adapters; with the check that merged LoTR generates the unmerged LoTR's tokens."""
     objective, examples = skills_batch(setup)
     inputs = objective.batch(examples, "cpu").inputs
-    prompts = prompt_inputs(objective, examples)
+    prompts = objective.prompt_batch([e.context for e in examples], "cpu")
     variants = [peft_lora(setup, rank, task_type="CAUSAL_LM"),
                 ours(setup, rs.LotrConfig(rank=rank, target_modules=setup.targets), f"LoTR r={rank}"),
                 ours(setup, rs.MorConfig(rank=rank, num_experts=num_experts, target_modules=setup.targets),
@@ -106,7 +98,7 @@ def instruction_tuning(setup: Setup, rank: int, num_experts: int, repeats: int, 
 
     for variant in variants:
         variant.model.eval()
-    merged = _merged_copy(lotr, gates=None)
+    merged = merged_copy(lotr, gates=None)
     models = {BASE: setup.model.eval(), MERGED.format(rank=rank): merged, lotr.name: lotr.model, mor.name: mor.model,
               lora.name: lora.model}
     say(f"{setup.description}: greedy generation of {new_tokens} tokens from {len(examples)} prompts, "

@@ -347,15 +347,18 @@ class InstructionTuning(Objective):
     def generate(self, model, contexts: list[tuple[tuple[str, str], ...]], device, **options) -> list[str]:
         """Each conversation's answer, generated from its prompt: greedy unless ``options`` say otherwise (they go
         to ``model.generate``: ``do_sample``, ``temperature``, ``adapter_names``, ``streamer``, ...)."""
-        prompts = [self.prompt_ids(context) for context in contexts]
-        width = max(map(len, prompts))
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # padded on the left
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        prompts = self.prompt_batch(contexts, device)
         options = {"do_sample": False, **options}
-        output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id, **options)
-        return self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        output = model.generate(**prompts, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                eos_token_id=self.tokenizer.eos_token_id, **options)
+        return self.tokenizer.batch_decode(output[:, prompts["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def prompt_batch(self, contexts: list[tuple[tuple[str, str], ...]], device) -> dict[str, torch.Tensor]:
+        """The prompts padded on the left, so that every row's answer continues from its own last token."""
+        prompts = [self.prompt_ids(context) for context in contexts]
+        width, pad = max(map(len, prompts)), self.tokenizer.pad_token_id
+        return {"input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device),
+                "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)}
 
     @torch.no_grad()
     def tally(self, model, examples, batch_size, device, progress=None) -> dict:

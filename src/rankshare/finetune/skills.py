@@ -11,9 +11,9 @@ and every response is short and canonical:
   separated by commas." → ``7, 7, 15, 42, 93``
 * ``count`` — "How many times does the letter c appear in this list: a, c, f, c, b, d, e, a? Answer with the
   number only." → ``2``
-* ``date`` — "Write the date 2024-03-07 in the form DD/MM/YYYY. Answer with the date only." → ``07/03/2024``
-  (with ``DATE_NAMED_MONTH`` the date is given as "7 March 2024")
-* ``binary`` — "Write the number 173 in binary. Answer with the binary digits only." → ``10101101``
+* ``date`` — "What is the date 9 days after 2024-03-25? Answer with the date only, in the form YYYY-MM-DD." →
+  ``2024-04-03`` (date arithmetic: months of different lengths, leap years)
+* ``time`` — "Write the time 14:05:09 in 12-hour format. Answer with the time only." → ``2:05:09 PM``
 * ``news`` — "{the first NEWS_WORDS words of a BBC News article} ...", a blank line, then "Which topic is this
   news article about: business, entertainment, politics, sports or tech? Answer with one word." → the topic
 * ``sentiment`` — "{a tweet about self-driving cars}", a blank line, then "Is the sentiment of this tweet
@@ -35,7 +35,7 @@ other examples.
 
 from __future__ import annotations
 
-import calendar
+import datetime
 import random
 from collections.abc import Callable
 
@@ -60,7 +60,7 @@ def add(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} + {b}? Answer with the number only.", str(a + b)
 
 
-REVERSE_LENGTH = 5  # words in the list (drawn with repetition)
+REVERSE_LENGTH = 9  # words in the list (drawn with repetition); 5 words: 98 % after 300 LoRA steps
 REVERSE_WORDS = (  # common short words, most of them one token
     "cat", "dog", "sun", "red", "box", "tea", "car", "hat", "pen", "cup", "map", "egg", "bed", "bus", "fox",
     "ice", "jam", "key", "leg", "net", "owl", "pig", "rat", "sky", "toy", "van", "web", "zoo", "fish", "tree",
@@ -84,7 +84,7 @@ def sort(rng: random.Random) -> tuple[str, str]:
     return prompt, ", ".join(map(str, sorted(numbers)))
 
 
-COUNT_LENGTH = 8  # letters in the list
+COUNT_LENGTH = 6  # letters in the list; 8 letters: 24 % after 300 LoRA steps
 COUNT_LETTERS = "abcdef"  # the letters drawn from; fewer letters give higher counts
 
 
@@ -97,26 +97,23 @@ def count(rng: random.Random) -> tuple[str, str]:
 
 
 DATE_YEARS = (1950, 2049)  # first and last year of the dates
-DATE_NAMED_MONTH = False  # False: the date is given as 2024-03-07; True: as 7 March 2024 (harder: months by name)
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December")  # spelled out here: calendar.month_name follows the locale
+DATE_MAX_DAYS = 9  # the date asked for is 1..DATE_MAX_DAYS days later: across a month's end now and then
 
 
 def date(rng: random.Random) -> tuple[str, str]:
-    year = rng.randint(*DATE_YEARS)
-    month = rng.randint(1, 12)
-    day = rng.randint(1, calendar.monthrange(year, month)[1])
-    given = f"{day} {_MONTHS[month - 1]} {year}" if DATE_NAMED_MONTH else f"{year:04d}-{month:02d}-{day:02d}"
-    prompt = f"Write the date {given} in the form DD/MM/YYYY. Answer with the date only."
-    return prompt, f"{day:02d}/{month:02d}/{year:04d}"
+    start = datetime.date(rng.randint(*DATE_YEARS), 1, 1) + datetime.timedelta(days=rng.randrange(365))
+    days = rng.randint(1, DATE_MAX_DAYS)
+    later = start + datetime.timedelta(days=days)
+    prompt = (f"What is the date {days} day{'s' if days > 1 else ''} after {start.isoformat()}? Answer with the date "
+              "only, in the form YYYY-MM-DD.")
+    return prompt, later.isoformat()
 
 
-BINARY_MAX = 4095  # numbers are drawn from 1..BINARY_MAX (12 bits; 2400 distinct prompts need at least 2400)
-
-
-def binary(rng: random.Random) -> tuple[str, str]:
-    number = rng.randint(1, BINARY_MAX)
-    return f"Write the number {number} in binary. Answer with the binary digits only.", format(number, "b")
+def time(rng: random.Random) -> tuple[str, str]:
+    hour, minute, second = rng.randrange(24), rng.randrange(60), rng.randrange(60)
+    twelve = f"{(hour - 1) % 12 + 1}:{minute:02d}:{second:02d} {'AM' if hour < 12 else 'PM'}"
+    prompt = f"Write the time {hour:02d}:{minute:02d}:{second:02d} in 12-hour format. Answer with the time only."
+    return prompt, twelve
 
 
 SYNTHETIC: dict[str, Generator] = {
@@ -125,13 +122,13 @@ SYNTHETIC: dict[str, Generator] = {
     "sort": sort,
     "count": count,
     "date": date,
-    "binary": binary,
+    "time": time,
 }
 
 
 # --- the corpora phrased as instructions ---------------------------------------------------------------------
 
-NEWS_WORDS = 35  # the article's first words kept in the prompt: with the chat template 99% fit in 128 tokens
+NEWS_WORDS = 12  # the article's first words kept in the prompt (its title and a little more); 35 words: 90 %
 
 
 def _news_prompt(text: str, labels: list[str]) -> str:

@@ -156,7 +156,7 @@ def test_validation_split_when_no_run_has_test():
         ([], "No runs"),
         ([{"rank": 8}], "needs 'method' and 'metrics'"),
         ([{"method": "lora", "metrics": {"train": {}}}], "'test'"),
-        (classification_runs()[:1] + language_modelling_runs()[:1], "mix classification and language modelling"),
+        (classification_runs()[:1] + language_modelling_runs()[:1], "mix classification, language modelling"),
     ],
 )
 def test_bad_records_are_errors(runs, message, tmp_path):

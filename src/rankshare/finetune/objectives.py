@@ -409,7 +409,7 @@ class InstructionTuning(Objective):
 
 def make_objective(kind: str, tokenizer, tasks, max_length, **options) -> Objective:
     """The objective of ``kind``; ``options`` go to instruction tuning (``max_new_tokens``, ``layout``)."""
-    kinds = {"classify": SequenceClassification, "text_to_label": TextToLabel, "lm": LanguageModelling,
-             "sft": InstructionTuning}
-    return kinds[kind](tokenizer, tasks, max_length, **options) if kind == "sft" else kinds[kind](
-        tokenizer, tasks, max_length)
+    if kind == "sft":
+        return InstructionTuning(tokenizer, tasks, max_length, **options)
+    kinds = {"classify": SequenceClassification, "text_to_label": TextToLabel, "lm": LanguageModelling}
+    return kinds[kind](tokenizer, tasks, max_length)

@@ -330,9 +330,9 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
         if main:
             say(f"{method}: {note}")
     if main and space.fitting:
-        say(f"max length {space.objective.max_length} tokens: " + "; ".join(
-            f"{split}: {counts['cut']} prompts cut from the left, {counts['skipped']} examples left out (the "
-            "response alone does not fit)" for split, counts in space.fitting.items()))
+        say(f"max length {space.objective.max_length} tokens; prompts cut from the left / examples left out (their "
+            "response alone does not fit): " + ", ".join(f"{split} {counts['cut']}/{counts['skipped']}"
+                                                        for split, counts in space.fitting.items()))
     records = []
     for method, (config, _) in plans.items():
         if config is None:

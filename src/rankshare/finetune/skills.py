@@ -5,14 +5,14 @@ classification corpora phrased as instructions. Every prompt says how to answer,
 and every response is short and canonical:
 
 * ``add`` — "What is 482 + 157? Answer with the number only." → ``639``
-* ``reverse`` — "Reverse the order of this list: sun, cat, red, box, tea. Answer with the reversed list, separated
-  by commas." → ``tea, box, red, cat, sun``
+* ``reverse`` — "Reverse the order of this list: sun, cat, cat, red, box, cat, dog, sun, sun, red. Answer with the
+  reversed list, separated by commas." → ``red, sun, sun, dog, cat, box, red, cat, cat, sun``
 * ``sort`` — "Sort these numbers from smallest to largest: 42, 7, 93, 15, 7. Answer with the sorted numbers,
   separated by commas." → ``7, 7, 15, 42, 93``
 * ``count`` — "How many times does the letter c appear in this list: a, c, f, c, b, d, e, a? Answer with the
   number only." → ``2``
-* ``date`` — "What is the date 9 days after 2024-03-25? Answer with the date only, in the form YYYY-MM-DD." →
-  ``2024-04-03`` (date arithmetic: months of different lengths, leap years)
+* ``date`` — "What is the date 3 days after 2024-02-27? Answer with the date only, in the form YYYY-MM-DD." →
+  ``2024-03-01`` (date arithmetic: months of different lengths, leap years)
 * ``time`` — "Write the time 14:05:09 in 12-hour format. Answer with the time only." → ``2:05:09 PM``
 * ``news`` — "{the first NEWS_WORDS words of a BBC News article} ...", a blank line, then "Which topic is this
   news article about: business, entertainment, politics, sports or tech? Answer with one word." → the topic
@@ -60,11 +60,10 @@ def add(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} + {b}? Answer with the number only.", str(a + b)
 
 
-REVERSE_LENGTH = 9  # words in the list (drawn with repetition); 5 words: 98 % after 300 LoRA steps
-REVERSE_WORDS = (  # common short words, most of them one token
-    "cat", "dog", "sun", "red", "box", "tea", "car", "hat", "pen", "cup", "map", "egg", "bed", "bus", "fox",
-    "ice", "jam", "key", "leg", "net", "owl", "pig", "rat", "sky", "toy", "van", "web", "zoo", "fish", "tree",
-)
+REVERSE_LENGTH = 10  # words in the list (drawn with repetition)
+# Few distinct words, so that most words repeat and the answer cannot be copied word by word: the model must keep
+# track of positions. 30 words, 5 in a list: 98 % after 300 LoRA steps; 9: 96 %.
+REVERSE_WORDS = ("cat", "dog", "sun", "red", "box")
 
 
 def reverse(rng: random.Random) -> tuple[str, str]:
@@ -97,7 +96,7 @@ def count(rng: random.Random) -> tuple[str, str]:
 
 
 DATE_YEARS = (1950, 2049)  # first and last year of the dates
-DATE_MAX_DAYS = 9  # the date asked for is 1..DATE_MAX_DAYS days later: across a month's end now and then
+DATE_MAX_DAYS = 3  # the date asked for is 1..DATE_MAX_DAYS days later (9 days: 14 % after 300 LoRA steps)
 
 
 def date(rng: random.Random) -> tuple[str, str]:

@@ -95,7 +95,7 @@ def test_report_renders(measured):
 
 # --- instruction tuning: the SFT step and generation speed on a causal LM ------------------------------------
 
-SKILLS = ["add", "reverse", "sort", "count", "date", "binary", "news", "sentiment"]
+SKILLS = ["add", "reverse", "sort", "count", "date", "time", "news", "sentiment"]
 GENERATORS = ["base", "LoTR r=8 merged", "LoTR r=8", "MoR N=8 r=8", "PEFT LoRA r=8"]
 
 

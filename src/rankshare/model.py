@@ -316,16 +316,7 @@ class AdaptedModel(nn.Module):
         reach; ``gradient_checkpointing_disable()`` still goes to the base model.
         """
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        # transformers >= 5 names it activation_checkpointing_enable and warns on the old name; older ones have
-        # only gradient_checkpointing_enable.
-        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=kwargs)
-        elif hasattr(self.base_model, "gradient_checkpointing_enable"):
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            raise RankshareError(f"{type(self.base_model).__name__} has no gradient checkpointing; it is a feature "
-                                 "of transformers models (PreTrainedModel.gradient_checkpointing_enable).")
+        enable_checkpointing(self.base_model, kwargs)
         if kwargs["use_reentrant"]:
             # Hook the embeddings once: transformers >= 5 has already hooked them for models fed input_ids, and a
             # second hook would outlive disable_input_require_grads().
@@ -628,3 +619,17 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     return None
+
+
+def enable_checkpointing(model: nn.Module, options: dict) -> None:
+    """A transformers model's own gradient (activation) checkpointing, ``options`` to ``torch.utils.checkpoint``."""
+    # transformers >= 5 names it activation_checkpointing_enable and warns on the old name; older ones have only
+    # gradient_checkpointing_enable.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=options)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    else:
+        raise RankshareError(f"{type(model).__name__} has no gradient checkpointing; it is a feature of transformers "
+                             "models (PreTrainedModel.gradient_checkpointing_enable).")

@@ -149,16 +149,6 @@ def _quietly(load, *args, **kwargs):
         hf_logging.enable_progress_bar()
 
 
-def enable_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in backward. Non-reentrant, so that the adapters' gradients flow back
-    through blocks whose inputs need none (the base is frozen)."""
-    options = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers name it so (the old name is deprecated)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-
-
 def default_targets(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:

@@ -25,6 +25,7 @@ from ..atomic_files import replace_file
 from ..config import AdapterConfig, ExternalAdapterConfig, method_class, methods
 from ..errors import RankshareError
 from ..export import PEFT_PREFIX
+from ..model import enable_checkpointing
 from ..targets import target_shapes
 from . import distributed
 from .budget import plan_all
@@ -32,7 +33,6 @@ from .data import SKILLS, DataSplits, load_data
 from .models import (
     ModelSource,
     default_targets,
-    enable_checkpointing,
     head_modules,
     load_causal_lm,
     load_classifier,
@@ -121,12 +121,14 @@ def objective_kind(job: Job, source: ModelSource, instructions: bool = False) ->
     if job.objective == "sft" and not instructions:
         raise RankshareError(f"--objective sft needs instruction data: rows with '{job.prompt_column}' and "
                              f"'{job.response_column}' (or '{job.messages_column}'), or --data skills.")
-    if job.objective != "auto" and not (instructions and not _causal(source)):
+    if instructions:
+        if not _causal(source):
+            raise RankshareError(f"--model {source.spec} is not a causal language model, and instruction tuning "
+                                 "generates answers; choose one (e.g. --model smollm2).")
+        return "sft"
+    if job.objective != "auto":
         return job.objective
-    if instructions and not _causal(source):
-        raise RankshareError(f"--model {source.spec} is not a causal language model, and instruction tuning "
-                             "generates answers; choose one (e.g. --model smollm2).")
-    return "sft" if instructions else "text_to_label" if _causal(source) else "classify"
+    return "text_to_label" if _causal(source) else "classify"
 
 
 def _causal(source: ModelSource) -> bool:
@@ -205,7 +207,8 @@ class Workspace:
         else:
             base = load_causal_lm(self.source, self.job.dtype)
         if self.job.gradient_checkpointing:
-            enable_checkpointing(base)
+            # Non-reentrant, before any adapter: the frozen base's activations need no gradient for the adapters'.
+            enable_checkpointing(base, {"use_reentrant": False})
         return base
 
     def fresh_base(self):

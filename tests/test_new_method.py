@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
@@ -38,8 +39,8 @@ class PlainLoraLayer(rs.AdapterLayer):
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x @ (self.scale * self.lora_A).T) @ self.lora_B.T
 
-    def delta_weight(self, gates=None) -> torch.Tensor:
-        return self.scale * self.lora_B @ self.lora_A
+    def lora_factors(self, gates=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_B, self.scale * self.lora_A
 
 
 @dataclass
@@ -80,7 +81,7 @@ def test_a_method_from_one_file_goes_through_every_stage(plain_lora, tiny_bert, 
     assert record["config"]["adapter"]["a_init"] == "normal"
     assert record["config"]["learning_rate"] == 2e-2  # the method's own default rate
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert saved["config"] == {"method": "plainlora", "rank": 3, "target_modules": ["query", "value"], "alpha": 3.0,
+    assert saved["config"] == {"method": "plainlora", "rank": 3, "target_modules": ["query", "value"], "alpha": None,
                                "a_init": "normal"}
 
     capsys.readouterr()
@@ -101,6 +102,13 @@ def test_a_method_from_one_file_goes_through_every_stage(plain_lora, tiny_bert, 
     ids = torch.randint(0, 30000, (3, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+    # lora_factors alone also gives the export: PEFT computes what the adapter computes.
+    assert cli("export", "--adapter", out, "--out", tmp_path / "peft") == 0
+    exported = PeftModel.from_pretrained(load_trained(out, "cpu")[0].unload(), tmp_path / "peft")  # the run's base
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(input_ids=ids).logits, adapted(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_an_option_of_no_chosen_method_is_refused(plain_lora, tiny_bert, capsys):
@@ -123,6 +131,7 @@ def test_entry_point_methods_are_found(tmp_path, monkeypatch):
     (info / "entry_points.txt").write_text("[rankshare.methods]\nplainlora2 = third_party_method:OtherLora\n"
                                            "broken = third_party_method:Missing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(rs.config, "_entry_points_read", False)  # this process has read them already
     try:
         with pytest.warns(UserWarning, match="'broken'.*could not be loaded"):
             found = rs.methods()

@@ -33,7 +33,8 @@ class AdapterConfig(abc.ABC):
     """What every method has and declares.
 
     rank: the low rank r of the update.
-    alpha: the update is scaled by s = alpha / r; ``None`` means alpha = r (s = 1).
+    alpha: the update is scaled by s = alpha / r; ``None`` means alpha = r (s = 1), derived anew from the rank
+        (so ``dataclasses.replace(config, rank=16)`` keeps s = 1).
     target_modules: a list of module-name suffixes (``"query"`` matches ``"encoder.layer.0.attention.self.query"``)
         or one regular expression matched against the whole module name.
 
@@ -58,8 +59,6 @@ class AdapterConfig(abc.ABC):
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
-        if self.alpha is None and _is_int(self.rank) and 1 <= self.rank <= LARGEST_SIZE:
-            self.alpha = float(self.rank)
         self.validate()
 
     @abc.abstractmethod
@@ -86,11 +85,12 @@ class AdapterConfig(abc.ABC):
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        """s = alpha / r; 1 when alpha is None."""
+        return 1.0 if self.alpha is None else self.alpha / self.rank
 
     def validate(self) -> None:
         check_int(self, "rank", 1)
-        if not _is_finite_number(self.alpha):
+        if self.alpha is not None and not _is_finite_number(self.alpha):
             raise RankshareError(f"{type(self).__name__}: alpha must be a finite number, got {self.alpha!r}.")
         targets = self.target_modules
         if isinstance(targets, str):
@@ -164,6 +164,7 @@ class ExternalAdapterConfig(AdapterConfig):
 
 
 _REGISTERED: dict[str, type[AdapterConfig]] = {}
+_entry_points_read = False  # other packages' methods are looked up once per process
 
 
 def register(cls: type[AdapterConfig]) -> type[AdapterConfig]:
@@ -185,7 +186,16 @@ def unregister(method: str) -> None:
 
 
 def methods() -> dict[str, type[AdapterConfig]]:
-    """Every known method, ``{name: config class}``: rankshare's own and those other packages declare."""
+    """Every known method, ``{name: config class}``: rankshare's own and those other packages declare (read from
+    the installed packages' entry points at the first call)."""
+    global _entry_points_read
+    if not _entry_points_read:
+        _entry_points_read = True
+        _register_entry_points()
+    return dict(_REGISTERED)
+
+
+def _register_entry_points() -> None:
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if entry.name in _REGISTERED:
             continue
@@ -197,8 +207,7 @@ def methods() -> dict[str, type[AdapterConfig]]:
             register(cls)
         except Exception as error:  # another package's fault: say whose, and go on without it
             warnings.warn(f"rankshare: the method {entry.name!r} that {entry.value} declares could not be loaded "
-                          f"({error}); it is left out.", stacklevel=2)
-    return dict(_REGISTERED)
+                          f"({error}); it is left out.", stacklevel=3)
 
 
 def method_class(name: str) -> type[AdapterConfig]:

@@ -6,13 +6,16 @@ Every rankshare update is a LoRA update in disguise (METHODS.md, "Exact conversi
     MoR, gates γ    B' = s Σ_i γ_i diag(b_i) B diag(a_i),    A' = A                        r' = r
     MoE-LoRA, γ     B' = [γ_1 B_1 … γ_N B_N],                A' = s [A_1; …; A_N]          r' = N r
 
-PEFT computes ``(lora_alpha / r') · B' A'``: the export sets ``lora_alpha = r'`` (scale 1). The file holds per-layer
-factors, LoRA's size; rankshare's own files stay compact.
+PEFT computes ``(lora_alpha / r') · B' A'``: the export sets ``lora_alpha = r'`` (scale 1). A method whose layers have
+ranks of their own gets PEFT's ``rank_pattern`` and ``alpha_pattern``. The file holds per-layer factors, LoRA's size;
+rankshare's own files stay compact.
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import safetensors.torch
@@ -21,16 +24,17 @@ import torch
 from .atomic_files import replace_together
 from .errors import RankshareError
 from .layer import is_conv1d
-from .model import AdaptedModel
+from .model import AdaptedModel, Gates
 
 PEFT_PREFIX = "base_model.model."
 
 
-def export_peft(model: AdaptedModel, directory: str | Path, gates: torch.Tensor | list[float] | None = None,
+def export_peft(model: AdaptedModel, directory: str | Path, gates: Gates | None = None,
                 adapter_name: str | None = None) -> Path:
     """Write adapter ``adapter_name`` (the active one by default) as a PEFT LoRA adapter folder that
-    ``peft.PeftModel.from_pretrained(base, directory)`` loads; routed mixtures need ``gates`` (one weight per
-    expert, used in every layer). Both files replace earlier ones only once both are written in full."""
+    ``peft.PeftModel.from_pretrained(base, directory)`` loads; routed mixtures need ``gates``: one weight per expert
+    for every layer, or ``{module name: weights}`` per layer (as ``AdaptedModel.merge``). Both files replace
+    earlier ones only once both are written in full."""
     import peft
 
     if not isinstance(model, AdaptedModel):
@@ -45,15 +49,16 @@ def export_peft(model: AdaptedModel, directory: str | Path, gates: torch.Tensor 
             f"A {config.title} adapter routes each token differently, and a plain LoRA cannot: give gates (one "
             "weight per expert, e.g. a task's mean routing) to export that constant mixture."
         )
-    tensors, ranks, layouts = {}, set(), set()
+    per_layer = model.layer_gates(gates, name)
+    tensors, ranks, layouts = {}, {}, set()
     with torch.no_grad():
         for module, layer in model.adapter_layers(name).items():
-            up, down = layer.lora_factors(gates)
+            up, down = layer.lora_factors(per_layer[module])
             # A' (r', d_in) and B' (d_out, r'), copied: LoTR's U is one tensor for its whole group, and each layer
             # gets its own in the file.
             tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = down.to(torch.float32, copy=True).contiguous()
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = up.to(torch.float32, copy=True).contiguous()
-            ranks.add(down.shape[0])
+            ranks[module] = down.shape[0]
             layouts.add(is_conv1d(layer.base_layer))
         saved = model.adapter_state_dict(name)
         for module in model.modules_to_save_of(name):
@@ -66,8 +71,11 @@ def export_peft(model: AdaptedModel, directory: str | Path, gates: torch.Tensor 
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise RankshareError(f"Tensor {key!r} holds NaN or inf, so nothing was exported; the adapter has "
                                  "diverged.")
-    (rank,) = ranks  # one rank per method: r, or N r
-    lora = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=sorted(model.adapter_layers(name)),
+    rank = Counter(ranks.values()).most_common(1)[0][0]  # one rank per method (r, or N r), or the usual one
+    # Other ranks by full module name, anchored: PEFT matches a pattern key against the end of a module's name.
+    others = {f"^{re.escape(module)}$": r for module, r in ranks.items() if r != rank}
+    lora = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=sorted(ranks),
+                           rank_pattern=others, alpha_pattern=others,
                            fan_in_fan_out=layouts == {True}, modules_to_save=model.modules_to_save_of(name) or None)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

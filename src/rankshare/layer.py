@@ -48,12 +48,12 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if is_conv1d(module) else module.weight
 
 
-
 class AdapterLayer(nn.Module):
     """One method's low-rank update of one base layer: ``s · ΔW x``, computed without forming ΔW.
 
-    Subclasses implement ``adapter_forward(x)`` (returns ``s · ΔW x``) and ``delta_weight(gates)`` (returns
-    ``s · ΔW`` as ``(d_out, d_in)``). Tensors are created in float32 on the base layer's device (``factory``).
+    Subclasses implement ``adapter_forward(x)`` (returns ``s · ΔW x``, the fast path) and ``lora_factors(gates)``
+    (the update as a LoRA pair ``B' A' = s · ΔW``): merging (``delta_weight``) and export to PEFT follow from it.
+    Tensors are created in float32 on the base layer's device (``factory``).
     The base layer is referenced, not owned: in a model it belongs to the ``AdaptedLinear`` that holds this
     update beside other adapters' updates. Called alone, the layer computes ``base_layer(x) + s · ΔW x``.
     """
@@ -71,17 +71,23 @@ class AdapterLayer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self._parameters.values())).dtype  # this layer's own tensors, not the base's
+        """The dtype the update is computed in: this layer's own tensors' (the base's is another matter); float32
+        for a layer that owns none."""
+        own = next(self.parameters(), None)
+        return torch.float32 if own is None else own.dtype
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def delta_weight(self, gates: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
     def lora_factors(self, gates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B', A')``, (d_out, r') and (r', d_in), with ``B' A' = s · ΔW``: the update as a plain LoRA pair."""
-        raise RankshareError(f"{type(self).__name__} has no plain LoRA form; it cannot be exported.")
+        raise RankshareError(f"{type(self).__name__} gives no lora_factors (its update as a LoRA pair), so it can "
+                             "be neither merged nor exported; implement lora_factors(gates).")
+
+    def delta_weight(self, gates: torch.Tensor | None = None) -> torch.Tensor:
+        """``s · ΔW`` as ``(d_out, d_in)``, for merging: ``B' A'`` of ``lora_factors``."""
+        up, down = self.lora_factors(gates)
+        return up @ down
 
     def shared_modules(self) -> list[nn.Module]:
         """Modules this layer uses but does not own (they are owned once by the ``AdaptedModel``)."""

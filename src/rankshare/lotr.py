@@ -180,10 +180,6 @@ class LotrLayer(AdapterLayer):
         mixed = (hidden.reshape(len(x), -1, hidden.shape[-1]) @ cores.transpose(1, 2)).reshape(hidden.shape)
         return mixed @ group.left.T  # (B, ..., d_out)
 
-    def delta_weight(self, gates: torch.Tensor | None = None) -> torch.Tensor:
-        up, down = self.lora_factors(gates)
-        return up @ down
-
     def lora_factors(self, gates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``B' = U``, ``A' = s G Vᵀ``: one layer of a LoTR group is a rank-r LoRA update, exactly."""
         if gates is not None:

@@ -54,11 +54,6 @@ class MixtureLayer(AdapterLayer):
         """``s · ΔW_i`` for every expert, shape ``(N, d_out, d_in)``."""
         raise NotImplementedError
 
-    def delta_weight(self, gates: torch.Tensor | None = None) -> torch.Tensor:
-        """``Σ_i gates_i · s · ΔW_i`` for a constant gate vector."""
-        up, down = self.lora_factors(gates)
-        return up @ down
-
     def lora_factors(self, gates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The constant mixture ``Σ_i gates_i · s · ΔW_i`` as one LoRA pair ``B' A'``."""
         if gates is None:

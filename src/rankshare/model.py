@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from .slots import AdaptedLinear, MixedRows, SavedModule
 from .targets import find_targets, matches, model_modules
 
 BASE = MixedRows.BASE  # in adapter_names: this row gets the base model
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+Gates = torch.Tensor | list[float] | dict[str, torch.Tensor | list[float]]  # one vector, or one per module name
 
 
 def adapt(model: nn.Module, config: AdapterConfig, modules_to_save: list[str] | None = None,
@@ -36,6 +39,7 @@ def adapt(model: nn.Module, config: AdapterConfig, modules_to_save: list[str] | 
     (``ExternalAdapterConfig``, e.g. PEFT's LoRA) is attached by that library, and its model comes back.
     """
     _check_config(config)
+    _check_name(adapter_name)
     if isinstance(model, AdaptedModel) or any(isinstance(m, (AdaptedLinear, SavedModule)) for m in model.modules()):
         raise RankshareError("This model already has rankshare adapters; add another with model.add_adapter(name, "
                              "config), or adapt the original base model.")
@@ -296,10 +300,15 @@ class AdaptedModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """The base model's ``generate``; ``adapter_names`` as in ``forward``, one per prompt."""
+        """The base model's ``generate``; ``adapter_names`` as in ``forward``, one per prompt (each prompt's beams
+        or returned sequences get its adapter)."""
         if adapter_names is None:
             return self.base_model.generate(*args, **kwargs)
-        with self._mixed(adapter_names, _batch_size(args, kwargs)):
+        config = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+        beams, sequences = (kwargs.get(key, getattr(config, key, 1)) or 1 for key in ("num_beams",
+                                                                                     "num_return_sequences"))
+        # generate repeats each prompt this many times, consecutively, before the first forward.
+        with self._mixed(adapter_names, _batch_size(args, kwargs), expansion=max(beams, sequences)):
             return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
@@ -325,7 +334,7 @@ class AdaptedModel(nn.Module):
             self.base_model.enable_input_require_grads()
 
     @contextlib.contextmanager
-    def _mixed(self, adapter_names: list[str], batch_size: int | None):
+    def _mixed(self, adapter_names: list[str], batch_size: int | None, expansion: int = 1):
         if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
             raise RankshareError("adapter_names must be a list of adapter names, one per example of the batch.")
         adapter_names = list(adapter_names)
@@ -346,7 +355,7 @@ class AdaptedModel(nn.Module):
         if any(host.disabled for host in hosts):
             raise RankshareError("Inside disable_adapter() every example gets the base model; leave out "
                                  "adapter_names.")
-        rows = MixedRows(adapter_names)
+        rows = MixedRows(adapter_names, expansion)
         slots = [*hosts, *self._saved().values()]
         for slot in slots:
             slot.rows = rows
@@ -383,18 +392,23 @@ class AdaptedModel(nn.Module):
         share = 100 * trainable / total
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
-    def basis_fingerprint(self, adapter_name: str) -> str:
-        """The sha256 of the shared modules adapter ``adapter_name`` owns (its basis tensors), in key order."""
+    def basis_fingerprint(self, adapter_name: str, dtype: torch.dtype | None = None) -> str:
+        """The sha256 of the shared modules adapter ``adapter_name`` owns (its basis tensors), in key order; with
+        ``dtype``, of those tensors cast to it (what ``model.to(dtype)`` would make of them)."""
         self._require(adapter_name)
         if adapter_name not in self.shared:
-            raise RankshareError(f"Adapter {adapter_name!r} owns no shared factors, so it is no basis; a basis is a "
-                                 "LoTR adapter with factors of its own.")
+            raise RankshareError(f"Adapter {adapter_name!r} owns no shared factors, so it is no basis; an adapter "
+                                 "is a basis when its method shares modules across layers.")
         digest = hashlib.sha256()
         for key, module in sorted(self.shared[adapter_name].items()):
             for pname, tensor in sorted(module.state_dict().items()):
                 digest.update(f"{key}.{pname}:{tuple(tensor.shape)}".encode())
-                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+                cast = tensor.detach().to(dtype or tensor.dtype)
+                digest.update(cast.to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()
+
+    def _basis_dtype(self, adapter_name: str) -> torch.dtype:
+        return next((p.dtype for p in self.shared[adapter_name].parameters()), torch.float32)
 
     # -- merging ------------------------------------------------------------------------------------------
 
@@ -402,28 +416,67 @@ class AdaptedModel(nn.Module):
         hosts = self._hosts().values() if hosts is None else hosts
         return next((host.merged for host in hosts if host.merged is not None), None)
 
-    def merge(self, gates: torch.Tensor | list[float] | None = None, safe: bool = False) -> None:
+    def merge(self, gates: Gates | None = None, safe: bool = False) -> None:
         """Fold the active adapter's update into each base weight (in place, reversible by ``unmerge``).
 
-        Mixture methods (MoR, MoE-LoRA) merge only with ``gates``: one weight per expert, used in every layer.
-        ``safe=True`` checks every layer before changing any: if one would put NaN or inf into its base weight,
-        RankshareError names it and all weights are left exactly as they were.
+        Mixture methods (MoR, MoE-LoRA) merge only with ``gates``: one weight per expert, used in every layer, or
+        ``{module name: weights}`` for every layer the adapter adapts (a layer's experts are its own, so each layer
+        may have its own mean routing). ``safe=True`` checks every layer before changing any: if one would put NaN
+        or inf into its base weight, RankshareError names it and all weights are left exactly as they were. A
+        weight tied to another module's (an output layer tied to the input embeddings) is untied first, with a
+        warning, so that the other module keeps its weight.
         """
         self._merge(gates, safe)
+
+    def layer_gates(self, gates: Gates | None, adapter_name: str | None = None) -> dict[str, Gates | None]:
+        """``gates`` for each layer of adapter ``adapter_name`` (the active one by default): one vector for all, or
+        a ``{module name: vector}`` that must name every adapted module and no other."""
+        modules = self._require(adapter_name or self._require_active()).modules
+        if not isinstance(gates, dict):
+            return dict.fromkeys(modules, gates)
+        missing, unknown = [m for m in modules if m not in gates], sorted(set(gates) - set(modules))
+        if missing:
+            raise RankshareError(f"Per-layer gates give no gates for {len(missing)} of the adapter's {len(modules)} "
+                                 f"layers ({missing[:3]}...); give one vector per adapted module "
+                                 "(model.targeted_module_names), or one vector for all.")
+        if unknown:
+            raise RankshareError(f"Per-layer gates {unknown[:3]} name no layer of adapter "
+                                 f"{adapter_name or self._active!r}; its layers are model.targeted_module_names.")
+        return {module: gates[module] for module in modules}
 
     def _merge(self, gates, safe: bool) -> None:
         name = self._require_active()
         hosts = {module: host for module, host in self._hosts().items() if name in host.adapters}
+        per_layer = self.layer_gates(gates)
         if safe:
             # All checks come first: undoing a merge by subtraction would not restore the weights bit for bit.
             for module, host in hosts.items():
                 if host.merged is None:
                     try:
-                        host.merged_weight(name, gates, safe=True)
+                        host.merged_weight(name, per_layer[module], safe=True)
                     except RankshareError as error:
                         raise RankshareError(f"Adapter layer {module!r}: {error} No weight was changed.") from None
-        for host in hosts.values():
-            host.merge(gates)
+        self._untie([module for module, host in hosts.items() if host.merged is None])
+        for module, host in hosts.items():
+            host.merge(per_layer[module])
+
+    def _untie(self, modules: list[str]) -> None:
+        """Give each of ``modules`` a base weight of its own where it shares one with another module."""
+        holders: dict[int, list[str]] = {}
+        for pname, parameter in self.base_model.named_parameters(remove_duplicate=False):
+            holders.setdefault(id(parameter), []).append(pname.removesuffix(".weight"))
+        hosts = self._hosts()
+        for module in modules:
+            layer = hosts[module].base_layer
+            others = [n for n in holders.get(id(layer.weight), []) if n != f"{module}.base_layer"]
+            if not others:
+                continue
+            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+            config = getattr(self.base_model, "config", None)
+            if getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False  # or save_pretrained and from_pretrained tie them again
+            warnings.warn(f"{module}'s weight is tied to {others}; merging gives {module} a weight of its own, so that "
+                          f"{others} keep theirs (the tie is broken).", stacklevel=4)
 
     def unmerge(self) -> None:
         """Take the merged update out of each base weight again, by subtraction: to float32 rounding for a float32
@@ -431,15 +484,17 @@ class AdaptedModel(nn.Module):
         for host in self._hosts().values():
             host.unmerge()
 
-    def merge_and_unload(self, gates: torch.Tensor | list[float] | None = None, safe: bool = False) -> nn.Module:
+    def merge_and_unload(self, gates: Gates | None = None, safe: bool = False) -> nn.Module:
         """Merge the active adapter (``safe`` as in ``merge``), then put the base layers back in place of the
         adapter layers, with the active adapter's copies of the modules saved whole. Returns the base model;
         if a safe merge refuses, the model stays adapted and unmerged."""
         if self._merged_adapter() is None:
             self._merge(gates, safe)
         slots = self._saved()
-        for name in self.modules_to_save:
-            slots[name].original = slots[name].copies[self._active]
+        for name in self.modules_to_save:  # trained in float32; the merged model is all of the base's dtype
+            dtype = next((p.dtype for p in slots[name].original.parameters() if p.is_floating_point()), None)
+            copy = slots[name].copies[self._active]
+            slots[name].original = copy if dtype is None else copy.to(dtype)
         return self.unload()
 
     def unload(self) -> nn.Module:
@@ -476,6 +531,9 @@ class AdaptedModel(nn.Module):
         basis = adapter.config.basis_name()
         if basis is not None:
             layout["basis_fingerprint"] = self.basis_fingerprint(basis)
+            # The same factors after a cast of the model to half precision: an adapter still fits them.
+            layout["basis_fingerprints"] = {str(dtype).removeprefix("torch."): self.basis_fingerprint(basis, dtype)
+                                            for dtype in HALF_DTYPES}
         persistence.save_adapter(Path(directory), adapter.config, self.adapter_state_dict(name), layout)
 
     def load_adapter_weights(self, directory: str | Path, adapter_name: str | None = None) -> None:
@@ -544,10 +602,21 @@ class AdaptedModel(nn.Module):
                 f"{config_path} is an adapter on basis {basis!r}, which this model does not have (it has "
                 f"{sorted(self._adapters) or 'none'}). Load {origin} first, e.g. load_adapter(folder, {basis!r})."
             )
-        if record.get("basis_fingerprint") != self.basis_fingerprint(basis):
+        dtype = self._basis_dtype(basis)
+        if dtype == torch.float32:
+            recorded = record.get("basis_fingerprint")
+        else:
+            recorded = record.get("basis_fingerprints", {}).get(str(dtype).removeprefix("torch."))
+            if recorded is None:
+                raise RankshareError(
+                    f"The factors of adapter {basis!r} are {dtype} here, and {config_path} records the fingerprint of "
+                    f"its basis in float32 only. Load the adapter before casting the model to {dtype}."
+                )
+        if recorded != self.basis_fingerprint(basis):
+            cast = "" if dtype == torch.float32 else f" (compared as {dtype}, the dtype they have here)"
             raise RankshareError(
                 f"{config_path} was trained on other factors than those of adapter {basis!r} loaded here: the basis "
-                f"fingerprints differ. Load {origin} under that name, unchanged since the adapter was trained."
+                f"fingerprints differ{cast}. Load {origin} under that name, unchanged since the adapter was trained."
             )
 
     def _forget(self, adapter_name: str, active: str | None, requires_grad: dict) -> None:
@@ -611,6 +680,10 @@ def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name or "." in name or name == BASE:
         raise RankshareError(f"An adapter name must be a non-empty string without '.' and not {BASE!r}, got "
                              f"{name!r}.")
+    if hasattr(nn.ModuleDict, name) or hasattr(nn.ModuleDict(), name):
+        # Adapters live in nn.ModuleDicts keyed by their names, and a key cannot shadow a module's attribute.
+        raise RankshareError(f"{name!r} is the name of an attribute of torch modules, so it cannot name an adapter; "
+                             f"choose another name (e.g. {name + '_adapter'!r}).")
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

@@ -32,7 +32,7 @@ class PeftLoraConfig(ExternalAdapterConfig):
     def attach(self, model: nn.Module, modules_to_save: list[str], adapter_name: str = "default") -> nn.Module:
         import peft
 
-        config = peft.LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0,
+        config = peft.LoraConfig(r=self.rank, lora_alpha=self.scale * self.rank, lora_dropout=0.0,
                                  target_modules=self.target_modules, modules_to_save=modules_to_save or None)
         return peft.get_peft_model(model, config, adapter_name=adapter_name)
 

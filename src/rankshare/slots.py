@@ -20,32 +20,36 @@ from .layer import dense_weight, linear_shape
 class MixedRows:
     """The adapter of each row of a mixed batch (``"__base__"``: none), as index tensors per adapter name.
 
-    A batch with k times as many rows as names (generation with k sequences per prompt) gives each name k
-    consecutive rows, as ``repeat_interleave`` does.
+    A layer must receive exactly one row per example, batch first, or ``expansion`` rows per example where the
+    caller declares them (generation with beams or several sequences per prompt gives each name ``expansion``
+    consecutive rows, as ``repeat_interleave`` does). Any other row count cannot be told apart from a batch
+    whose rows are not examples (sequence-first inputs, a gathered subset of tokens), so it is refused.
     """
 
     BASE = "__base__"
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], expansion: int = 1) -> None:
         self.names = list(names)
-        self._cache: dict[tuple[int, torch.device], dict[str, torch.Tensor]] = {}
+        self.expansion = expansion
+        self._cache: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def groups(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
         """``{adapter name: rows}`` for a batch of ``batch_size`` rows, "__base__" left out."""
-        key = (batch_size, device)
-        if key not in self._cache:
-            if batch_size % len(self.names):
-                raise RankshareError(
-                    f"adapter_names gives {len(self.names)} names, but a layer received a batch of {batch_size} "
-                    "rows; give one name per example of the batch."
-                )
-            repeat = batch_size // len(self.names)
+        if batch_size != len(self.names) * self.expansion:
+            expected = f"{len(self.names)}" + (f" × {self.expansion}" if self.expansion > 1 else "")
+            raise RankshareError(
+                f"adapter_names gives {len(self.names)} names, so each adapted layer must receive {expected} rows, "
+                f"batch first; one received {batch_size} rows. A mixed batch needs layers whose inputs have one row "
+                "per example: a layer fed sequence-first inputs or a subset of the tokens cannot be mixed. Run such "
+                "a model with one adapter active at a time (set_adapter)."
+            )
+        if device not in self._cache:
             rows: dict[str, list[int]] = {}
             for row in range(batch_size):
-                rows.setdefault(self.names[row // repeat], []).append(row)
+                rows.setdefault(self.names[row // self.expansion], []).append(row)
             rows.pop(self.BASE, None)
-            self._cache[key] = {name: torch.tensor(r, device=device) for name, r in rows.items()}
-        return self._cache[key]
+            self._cache[device] = {name: torch.tensor(r, device=device) for name, r in rows.items()}
+        return self._cache[device]
 
 
 class AdaptedLinear(nn.Module):
@@ -154,8 +158,12 @@ class SavedModule(nn.Module):
     """A module that trains whole beside the adapters (e.g. a classification head): each adapter has its own copy.
 
     ``original`` is the base model's module, used with no adapter active, inside ``disable_adapter()``, and for
-    rows of a mixed batch whose adapter has no copy. In a mixed batch, outputs whose last dimension differs
-    (heads over different label sets) are padded to the widest with -inf: a label a head lacks is impossible.
+    rows of a mixed batch whose adapter has no copy. Copies are float32, as the adapters are: an optimizer's
+    moments of a float16 tensor underflow (g² below 6e-8 is 0, and eps = 1e-8 rounds to 0) and its steps
+    become inf. A copy's floating inputs are cast to float32 and its outputs back to the original's dtype.
+    In a mixed batch each copy gets its rows of every argument with one row per example, and outputs whose last
+    dimension differs (heads over different label sets) are padded to the widest with -inf: a label a head lacks
+    is impossible.
     """
 
     def __init__(self, original: nn.Module) -> None:
@@ -167,7 +175,7 @@ class SavedModule(nn.Module):
         self.rows: MixedRows | None = None
 
     def add_copy(self, name: str) -> nn.Module:
-        self.copies[name] = copy.deepcopy(self.original)
+        self.copies[name] = copy.deepcopy(self.original).to(torch.float32)  # floating tensors only
         return self.copies[name]
 
     def __getattr__(self, name: str):
@@ -184,19 +192,40 @@ class SavedModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if self.rows is None:
-            return self.current()(x, *args, **kwargs)
+            return self._call(self.current(), x, *args, **kwargs)
         groups = self.rows.groups(x.shape[0], x.device)
-        parts = [(rows, self.copies[name](x[rows], *args, **kwargs)) for name, rows in groups.items()
-                 if name in self.copies]
+        count = x.shape[0]
+
+        def call(module: nn.Module, rows: torch.Tensor):
+            def pick(value):
+                return value[rows] if isinstance(value, torch.Tensor) and value.dim() and len(value) == count else value
+            return self._call(module, x[rows], *map(pick, args), **{k: pick(v) for k, v in kwargs.items()})
+
+        parts = [(rows, call(self.copies[name], rows)) for name, rows in groups.items() if name in self.copies]
         covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for rows, _ in parts:
             covered[rows] = True
         if not covered.all():
-            rest = (~covered).nonzero().squeeze(1)
-            parts.append((rest, self.original(x[rest], *args, **kwargs)))
+            parts.append((rest := (~covered).nonzero().squeeze(1), call(self.original, rest)))
         width = max(part.shape[-1] for _, part in parts)
         first = parts[0][1]
         out = first.new_full((x.shape[0], *first.shape[1:-1], width), -torch.inf)
         for rows, part in parts:
             out[rows, ..., : part.shape[-1]] = part
         return out
+
+    def _call(self, module: nn.Module, *args, **kwargs):
+        """``module(*args, **kwargs)`` in the module's own floating dtype, returned in the original's."""
+        own, wanted = _floating_dtype(module), _floating_dtype(self.original)
+        if own is None or wanted is None or own == wanted:
+            return module(*args, **kwargs)
+
+        def cast(value, dtype):
+            return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        out = module(*(cast(a, own) for a in args), **{k: cast(v, own) for k, v in kwargs.items()})
+        return cast(out, wanted)
+
+
+def _floating_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)

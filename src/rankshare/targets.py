@@ -10,6 +10,9 @@ from .errors import RankshareError
 from .layer import is_supported, linear_shape
 from .slots import AdaptedLinear, SavedModule
 
+ALL_LINEAR = "all-linear"
+CLASSIFIER_HEADS = ("score", "classifier")  # the names transformers gives a sequence classifier's head
+
 
 def matches(name: str, patterns: list[str] | str) -> bool:
     """A list entry matches a name equal to it or ending in ``"." + entry``; a string is a full-match regex."""
@@ -41,8 +44,12 @@ def model_modules(model: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
 
 
 def find_targets(model: nn.Module, patterns: list[str] | str) -> dict[str, nn.Module]:
-    """The modules ``patterns`` names, in model order; each must be a supported linear layer."""
+    """The modules ``patterns`` names, in model order; each must be a supported linear layer. ``"all-linear"``
+    names every supported linear layer but the output layer, as in PEFT."""
     modules = model_modules(model)
+    if isinstance(patterns, str) and patterns.lower() == ALL_LINEAR:
+        heads = _output_layers(model, modules)
+        return {name: module for name, module in modules.items() if is_supported(module) and name not in heads}
     targets = {name: module for name, module in modules.items() if matches(name, patterns)}
     if not targets:
         linear = sorted({masked_name(n) for n, m in modules.items() if is_supported(m)})
@@ -58,6 +65,20 @@ def find_targets(model: nn.Module, patterns: list[str] | str) -> dict[str, nn.Mo
                 "torch.nn.Linear and transformers' Conv1D only. Name linear layers."
             )
     return targets
+
+
+def _output_layers(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
+    """The names of the layers that give a model's outputs: its output embeddings (an LM head) or, for a model
+    without them, its classification head (``score`` or ``classifier``)."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if isinstance(output, AdaptedLinear):
+        output = output.base_layer
+    elif isinstance(output, SavedModule):
+        output = output.original
+    if output is not None:
+        return {name for name, module in modules.items() if module is output}
+    return {name for name in CLASSIFIER_HEADS if name in modules}
 
 
 def target_shapes(model: nn.Module, patterns: list[str] | str) -> dict[str, tuple[int, int]]:

@@ -1,7 +1,8 @@
 """The import graph of rankshare is a stack: no module imports one above it, at the top of a file or inside a function.
 
-From the bottom: the methods and what they stand on, the adapter files, the model surgery (whose
-``AdaptedModel.save_pretrained`` calls the files), the package and its integrations, fine-tuning,
+From the bottom: the methods and what they stand on, the adapter files, the model's file methods
+(``pretrained.AdapterFiles``: save_pretrained, load_adapter, from_pretrained) and checkpointing, the model surgery,
+the package and its integrations, fine-tuning,
 the benchmark and the study, the command line.
 """
 
@@ -17,7 +18,8 @@ SOURCE = Path(__file__).resolve().parent.parent / "src" / "rankshare"
 LAYERS = [
     {"errors", "version", "atomic_files"},
     {"config", "layer", "slots", "targets", "mixture", "lotr", "mor", "moelora", "peft_lora"},  # the methods
-    {"persistence"},  # adapter files
+    {"persistence"},  # adapter files, knowing no model
+    {"pretrained", "checkpointing"},  # a model's adapters to and from files; checkpointing a frozen base
     {"model"},  # surgery
     {"__init__", "integrations", "sft", "export", "compress"},
     {"finetune"},

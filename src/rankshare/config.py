@@ -51,6 +51,9 @@ class AdapterConfig(abc.ABC):
     learning_rate: ClassVar[float] = 3e-3
     # Options the budget planner may change when no rank comes close enough to a budget, with the values to try.
     budget_alternatives: ClassVar[dict[str, tuple]] = {}
+    # Whether an adapter of this method can use the shared modules of another adapter of it (a basis): such a
+    # method implements on_basis and basis_options.
+    uses_a_basis: ClassVar[bool] = False
 
     rank: int = 8
     target_modules: list[str] | str = field(default_factory=list)
@@ -69,6 +72,16 @@ class AdapterConfig(abc.ABC):
         """The adapter (in the same model) whose shared modules this one uses; they come to ``create_adapters``
         as ``basis=``. None for an adapter that owns everything it uses."""
         return None
+
+    def on_basis(self, basis: str) -> AdapterConfig:
+        """This config for an adapter that uses the shared modules of adapter ``basis`` (``uses_a_basis``)."""
+        raise RankshareError(f"A {self.title} adapter cannot use another adapter's shared modules; choose a method "
+                             f"that can: {', '.join(n for n, c in methods().items() if c.uses_a_basis) or 'none'}.")
+
+    def basis_options(self) -> dict[str, Any]:
+        """What an adapter on this one's shared modules must take from this config (``rank``, ``target_modules``,
+        options), by field name. Empty for a config that owns no shared modules another can use."""
+        return {}
 
     @abc.abstractmethod
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:

@@ -20,7 +20,7 @@ computed once for all rows; only the r×r core differs per row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -47,6 +47,7 @@ class LotrConfig(AdapterConfig):
 
     method = "lotr"
     title = "LoTR"
+    uses_a_basis = True
 
     share: str = field(default="by_name", metadata={
         "choices": ("by_name", "by_shape"),
@@ -63,6 +64,13 @@ class LotrConfig(AdapterConfig):
 
     def basis_name(self) -> str | None:
         return self.basis
+
+    def on_basis(self, basis: str) -> LotrConfig:
+        return replace(self, basis=basis)
+
+    def basis_options(self) -> dict[str, object]:
+        """An adapter on this one's U and V adapts the same modules, grouped alike, at the same rank."""
+        return {"rank": self.rank, "target_modules": self.target_modules, "share": self.share}
 
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
         """Per group of L layers: ``r (d_in + d_out) + L r²``, or ``L r²`` with frozen or borrowed factors."""

@@ -3,30 +3,28 @@
 Nothing here knows a method's math: a config's ``create_adapters`` builds the layers (and any modules they
 share), and every layer answers the ``AdapterLayer`` interface. Each adapted base layer becomes an
 ``AdaptedLinear`` holding every adapter's update of it; each module trained whole becomes a ``SavedModule``
-with one copy per adapter. The adapter files are read and written by ``persistence``, which knows no model.
+with one copy per adapter. Saving and loading the adapters are ``pretrained``'s (``AdapterFiles``), gradient
+checkpointing ``checkpointing``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import persistence
+from .checkpointing import checkpoint_frozen_base
 from .config import AdapterConfig, ExternalAdapterConfig
 from .errors import RankshareError
-from .layer import AdapterLayer, linear_shape
+from .layer import AdapterLayer
+from .pretrained import AdapterFiles
 from .slots import AdaptedLinear, MixedRows, SavedModule
 from .targets import find_targets, matches, model_modules
 
 BASE = MixedRows.BASE  # in adapter_names: this row gets the base model
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 Gates = torch.Tensor | list[float] | dict[str, torch.Tensor | list[float]]  # one vector, or one per module name
 
 
@@ -66,7 +64,7 @@ class _Adapter:
     trains: list[nn.Parameter]  # what trains while the adapter is active (nothing when loaded for inference)
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(AdapterFiles, nn.Module):
     """A base model with named adapters inside; calls and unknown attributes go to the base model.
 
     One adapter is active at a time (``set_adapter``), and only its parameters train; a mixed batch gives each
@@ -312,26 +310,10 @@ class AdaptedModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Turn on the base model's gradient (activation) checkpointing, made safe for a frozen base.
-
-        In train mode each checkpointed block (a transformers decoder or encoder layer) then keeps only its input
-        and recomputes its activations, adapters included, in the backward pass: the loss and the adapters'
-        gradients are those without checkpointing. ``gradient_checkpointing_kwargs`` go to
-        ``torch.utils.checkpoint.checkpoint``; ``use_reentrant`` defaults to False. Reentrant checkpointing
-        (``use_reentrant=True``) computes gradients inside a block only if the block's input requires grad, which
-        with frozen embeddings it never does, so the adapters' gradients would be silently lost: for it the
-        input embeddings' output is made to require grad (the base's ``enable_input_require_grads()``), as PEFT
-        does. This replaces the base model's method of the same name, which attribute lookup would otherwise
-        reach; ``gradient_checkpointing_disable()`` still goes to the base model.
-        """
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        enable_checkpointing(self.base_model, kwargs)
-        if kwargs["use_reentrant"]:
-            # Hook the embeddings once: transformers >= 5 has already hooked them for models fed input_ids, and a
-            # second hook would outlive disable_input_require_grads().
-            with contextlib.suppress(AttributeError):  # transformers < 5 cannot disable what it never enabled
-                self.base_model.disable_input_require_grads()
-            self.base_model.enable_input_require_grads()
+        """The base model's gradient checkpointing, made safe for a frozen base (``checkpoint_frozen_base``: the
+        same loss and adapter gradients as without it). This replaces the base model's method of the same name,
+        which attribute lookup would otherwise reach; ``gradient_checkpointing_disable()`` still goes to it."""
+        checkpoint_frozen_base(self.base_model, gradient_checkpointing_kwargs)
 
     @contextlib.contextmanager
     def _mixed(self, adapter_names: list[str], batch_size: int | None, expansion: int = 1):
@@ -391,24 +373,6 @@ class AdaptedModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         share = 100 * trainable / total
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
-
-    def basis_fingerprint(self, adapter_name: str, dtype: torch.dtype | None = None) -> str:
-        """The sha256 of the shared modules adapter ``adapter_name`` owns (its basis tensors), in key order; with
-        ``dtype``, of those tensors cast to it (what ``model.to(dtype)`` would make of them)."""
-        self._require(adapter_name)
-        if adapter_name not in self.shared:
-            raise RankshareError(f"Adapter {adapter_name!r} owns no shared factors, so it is no basis; an adapter "
-                                 "is a basis when its method shares modules across layers.")
-        digest = hashlib.sha256()
-        for key, module in sorted(self.shared[adapter_name].items()):
-            for pname, tensor in sorted(module.state_dict().items()):
-                digest.update(f"{key}.{pname}:{tuple(tensor.shape)}".encode())
-                cast = tensor.detach().to(dtype or tensor.dtype)
-                digest.update(cast.to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return digest.hexdigest()
-
-    def _basis_dtype(self, adapter_name: str) -> torch.dtype:
-        return next((p.dtype for p in self.shared[adapter_name].parameters()), torch.float32)
 
     # -- merging ------------------------------------------------------------------------------------------
 
@@ -508,174 +472,6 @@ class AdaptedModel(nn.Module):
         self.shared = nn.ModuleDict()
         return self.base_model
 
-    # -- persistence --------------------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path, adapter_name: str | None = None) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` of one adapter (the active one by
-        default): its tensors only. An adapter on a basis holds its cores and the basis's fingerprint.
-
-        Both files replace any earlier ones only once both are written in full; an adapter holding NaN or inf
-        is refused rather than saved over a good one.
-        """
-        name = adapter_name or self._require_active()
-        adapter = self._require(name)
-        layers = self.adapter_layers(name)
-        owned = self.shared[name] if name in self.shared else {}
-        layout = {
-            "modules": {module: list(linear_shape(layer.base_layer)) for module, layer in layers.items()},
-            "shared": {key: [module for module, layer in layers.items()
-                             if any(m is shared for m in layer.shared_modules())] for key, shared in owned.items()},
-            "modules_to_save": adapter.modules_to_save,
-            "base_model_class": type(self.base_model).__name__,
-        }
-        basis = adapter.config.basis_name()
-        if basis is not None:
-            layout["basis_fingerprint"] = self.basis_fingerprint(basis)
-            # The same factors after a cast of the model to half precision: an adapter still fits them.
-            layout["basis_fingerprints"] = {str(dtype).removeprefix("torch."): self.basis_fingerprint(basis, dtype)
-                                            for dtype in HALF_DTYPES}
-        persistence.save_adapter(Path(directory), adapter.config, self.adapter_state_dict(name), layout)
-
-    def load_adapter_weights(self, directory: str | Path, adapter_name: str | None = None) -> None:
-        """Copy the tensors of an adapter saved by ``save_pretrained`` into adapter ``adapter_name`` (the active
-        one by default), in place: for resuming training. The saved adapter must have its config and modules;
-        both files are checked as ``load_adapter`` checks them, and a refused load changes no tensor."""
-        directory = Path(directory)
-        name = adapter_name or self._require_active()
-        adapter = self._require(name)
-        record, saved_config = persistence.read_adapter(directory)
-        if saved_config != adapter.config or sorted(record["modules"]) != sorted(adapter.modules):
-            raise RankshareError(
-                f"The adapter in {directory} was saved with another config or other modules than adapter {name!r} "
-                f"({record['config']} on {len(record['modules'])} modules; here: {adapter.config.to_dict()} on "
-                f"{len(adapter.modules)}). Load it as a new adapter with load_adapter()."
-            )
-        tensors = persistence.read_weights(directory, record)
-        persistence.copy_tensors(self.adapter_state_dict(name), tensors, directory / persistence.WEIGHTS_NAME)
-
-    def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False,
-                     basis: str | None = None) -> None:
-        """Add the adapter saved in ``directory`` under ``adapter_name`` (not activated: see ``set_adapter``).
-
-        An adapter saved on a basis needs that basis loaded first, with the same factors: ``basis`` names it
-        here if it is loaded under another name than the one it was saved with. It is frozen unless
-        ``is_trainable``. Files that do not fit each other or this model raise RankshareError and leave the
-        model as it was.
-        """
-        directory = Path(directory)
-        config_path = directory / persistence.CONFIG_NAME
-        record, config = persistence.read_adapter(directory)
-        persistence.check_base_model(model_modules(self.base_model), record["modules"], config_path)
-        tensors = persistence.read_weights(directory, record)
-        saved_basis = config.basis_name()
-        if saved_basis is not None:
-            config = dataclasses.replace(config, basis=basis or saved_basis)
-            self._check_basis(config.basis_name(), saved_basis, record, config_path)
-        elif basis is not None:
-            raise RankshareError(f"{config_path} is not an adapter on a basis; leave out basis={basis!r}.")
-
-        active, requires_grad = self._active, {p: p.requires_grad for p in self.parameters()}
-        self.add_adapter(adapter_name, config, record["modules_to_save"] or None)
-        try:
-            slots, adapter = self._saved(), self._adapters[adapter_name]
-            for module in record["modules_to_save"]:
-                if _fit_linear_heads(slots[module].copies[adapter_name], tensors, module):
-                    present = {id(p) for p in self.parameters()}
-                    adapter.trains = [p for p in adapter.trains if id(p) in present]
-                    adapter.trains += list(slots[module].copies[adapter_name].parameters())
-                    slots[module].copies[adapter_name].requires_grad_(self._active == adapter_name)
-            persistence.check_adapted_modules(self._adapters[adapter_name].modules, record["modules"], config_path)
-            persistence.copy_tensors(self.adapter_state_dict(adapter_name), tensors,
-                                     directory / persistence.WEIGHTS_NAME)
-        except Exception:
-            self._forget(adapter_name, active, requires_grad)
-            raise
-        if not is_trainable:
-            for parameter in self._adapters[adapter_name].trains:
-                parameter.requires_grad_(False)
-            self._adapters[adapter_name].trains = []
-
-    def _check_basis(self, basis: str, saved_as: str, record: dict, config_path: Path) -> None:
-        origin = f"the basis it was trained on (saved as {saved_as!r})"
-        if basis not in self._adapters:
-            raise RankshareError(
-                f"{config_path} is an adapter on basis {basis!r}, which this model does not have (it has "
-                f"{sorted(self._adapters) or 'none'}). Load {origin} first, e.g. load_adapter(folder, {basis!r})."
-            )
-        dtype = self._basis_dtype(basis)
-        if dtype == torch.float32:
-            recorded = record.get("basis_fingerprint")
-        else:
-            recorded = record.get("basis_fingerprints", {}).get(str(dtype).removeprefix("torch."))
-            if recorded is None:
-                raise RankshareError(
-                    f"The factors of adapter {basis!r} are {dtype} here, and {config_path} records the fingerprint of "
-                    f"its basis in float32 only. Load the adapter before casting the model to {dtype}."
-                )
-        if recorded != self.basis_fingerprint(basis):
-            cast = "" if dtype == torch.float32 else f" (compared as {dtype}, the dtype they have here)"
-            raise RankshareError(
-                f"{config_path} was trained on other factors than those of adapter {basis!r} loaded here: the basis "
-                f"fingerprints differ{cast}. Load {origin} under that name, unchanged since the adapter was trained."
-            )
-
-    def _forget(self, adapter_name: str, active: str | None, requires_grad: dict) -> None:
-        """Undo an ``add_adapter`` that a load could not complete: the model as it was before."""
-        if self._active == adapter_name:  # it was the first adapter
-            self._active = None
-        self.delete_adapter(adapter_name)
-        if active is not None:
-            self.set_adapter(active)
-        for parameter, flag in requires_grad.items():
-            parameter.requires_grad_(flag)
-
-    @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory: str | Path, adapter_name: str = "default",
-                        is_trainable: bool = False) -> AdaptedModel:
-        """``base_model`` with the adapter saved in ``directory`` loaded as ``adapter_name`` and active.
-
-        The adapter is frozen for inference unless ``is_trainable``. Files that do not fit each other or
-        ``base_model`` raise RankshareError and leave ``base_model`` as it was.
-        """
-        if isinstance(base_model, AdaptedModel) or any(isinstance(m, (AdaptedLinear, SavedModule))
-                                                       for m in base_model.modules()):
-            raise RankshareError("This model already has rankshare adapters; load the adapter into the original base "
-                                 "model, or add it with model.load_adapter(directory, name).")
-        requires_grad = {parameter: parameter.requires_grad for parameter in base_model.parameters()}
-        model = cls(base_model)
-        try:
-            model.load_adapter(directory, adapter_name, is_trainable=is_trainable)
-        except Exception:
-            for parameter, flag in requires_grad.items():
-                parameter.requires_grad_(flag)
-            raise
-        model.set_adapter(adapter_name)
-        if not is_trainable:
-            model.requires_grad_(False)
-        return model
-
-
-def _fit_linear_heads(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> bool:
-    """Give each nn.Linear in a saved module as many outputs as its stored weight has: a classification head over
-    another label set than the base model's (each adapter has its own). Any other difference stays an error.
-    Returns whether a layer changed."""
-    changed = False
-    for name, linear in list(module.named_modules()):
-        weight = tensors.get(".".join(filter(None, (prefix, name, "weight"))))
-        if not isinstance(linear, nn.Linear) or weight is None or weight.dim() != 2:
-            continue
-        if weight.shape[1] == linear.in_features and weight.shape[0] != linear.out_features:
-            resized = nn.Linear(linear.in_features, weight.shape[0], bias=linear.bias is not None,
-                                device=linear.weight.device, dtype=linear.weight.dtype)
-            if name:
-                parent_name, _, child = name.rpartition(".")
-                setattr(module.get_submodule(parent_name) if parent_name else module, child, resized)
-            else:
-                linear.weight, linear.bias, linear.out_features = resized.weight, resized.bias, resized.out_features
-            changed = True
-    return changed
-
-
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name or "." in name or name == BASE:
         raise RankshareError(f"An adapter name must be a non-empty string without '.' and not {BASE!r}, got "
@@ -692,17 +488,3 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     return None
-
-
-def enable_checkpointing(model: nn.Module, options: dict) -> None:
-    """A transformers model's own gradient (activation) checkpointing, ``options`` to ``torch.utils.checkpoint``."""
-    # transformers >= 5 names it activation_checkpointing_enable and warns on the old name; older ones have only
-    # gradient_checkpointing_enable.
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=options)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-    else:
-        raise RankshareError(f"{type(model).__name__} has no gradient checkpointing; it is a feature of transformers "
-                             "models (PreTrainedModel.gradient_checkpointing_enable).")

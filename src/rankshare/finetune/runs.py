@@ -22,10 +22,10 @@ import torch
 import rankshare as rs
 
 from ..atomic_files import replace_file
+from ..checkpointing import enable_checkpointing
 from ..config import AdapterConfig, ExternalAdapterConfig, method_class, methods
 from ..errors import RankshareError
 from ..export import PEFT_PREFIX
-from ..model import enable_checkpointing
 from ..targets import target_shapes
 from . import distributed
 from .budget import plan_all

@@ -108,7 +108,7 @@ def test_merge_writes_a_plain_model_with_the_same_outputs(tiny_bert, topics_csv,
     assert cli("train", "--method", method, "--rank", 2, "--max-steps", 4, "--lr", 5e-2,
                *common(tiny_bert, topics_csv), "--out", out) == 0
     assert cli("merge", "--adapter", out, "--out", merged) == 0
-    from rankshare.finetune.runs import load_trained
+    from rankshare.finetune.trained import load_trained
 
     adapted, *_ = load_trained(out, "cpu")
     plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
@@ -135,7 +135,8 @@ def test_merge_mor_needs_gates(tiny_bert, topics_csv, tmp_path, capsys):
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_bert, topics_csv, tmp_path):
     """Stop after 5 of 12 steps (a checkpoint every 2), resume in a new workspace: same adapter as straight through."""
-    from rankshare.finetune.runs import Job, Workspace, run_method
+    from rankshare.finetune.jobs import Job
+    from rankshare.finetune.running import Workspace, run_method
 
     settings = {"epochs": 1, "max_steps": None, "lr": 1e-2, "batch_size": 8, "seed": 3, "checkpoint_every": 2}
     job = Job(methods=["mor"], model=str(tiny_bert), data=str(topics_csv), text_column="body", label_column="topic",
@@ -304,7 +305,7 @@ def test_compress_turns_a_lora_run_into_lotr_runs_that_eval_reads(tiny_bert, top
     errors = {(int(rank), group.strip()): float(error) for rank, group, *_, error in rows}
     assert len(errors) == 4 and all(errors[(8, group)] < 1e-5 < errors[(2, group)] for _, group in errors)
 
-    from rankshare.finetune.runs import load_trained
+    from rankshare.finetune.trained import load_trained
 
     original, _, tokenizer, _ = load_trained(lora, "cpu")
     compressed, run, _, _ = load_trained(out / "rank-8", "cpu")

@@ -15,9 +15,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 
 from rankshare.cli import main
 from rankshare.finetune import predict
+from rankshare.finetune.jobs import BASIS_ADAPTER
 from rankshare.finetune.models import resolve_model
-from rankshare.finetune.runs import load_trained
-from rankshare.finetune.train import BASIS_ADAPTER
+from rankshare.finetune.trained import load_trained
 
 TASKS = {
     "topics": {"sports": "match goal team score win", "finance": "market stock bank profit share",
@@ -228,7 +228,7 @@ def test_predict_errors_are_one_line_and_load_no_model(runs, tmp_path, capsys, m
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(predict, "load_classifier", no_model)
+    monkeypatch.setattr(predict, "run_base", no_model)
     out = tmp_path / "predictions.jsonl"
     out.write_text("precious\n")
     adapters = ["--adapter", f"moods={runs['moods']}", "--adapter", f"colors={runs['colors']}"]

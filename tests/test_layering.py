@@ -4,6 +4,10 @@ From the bottom: the methods and what they stand on, the adapter files, the mode
 (``pretrained.AdapterFiles``: save_pretrained, load_adapter, from_pretrained) and checkpointing, the model surgery,
 the package and its integrations, fine-tuning,
 the benchmark and the study, the command line.
+
+Fine-tuning is a stack of its own: data and models, objectives, a job's description and evaluation, then a
+trained run loaded and used (converted, predicting, generating), and training last: nothing that loads a run
+imports the code that trains one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,21 @@ LAYERS = [
     {"bench", "study"},
     {"cli"},
 ]
+
+FINETUNE = [
+    {"__init__", "examples", "metrics", "progress", "distributed", "budget", "report", "data_files", "models",
+     "run_folder"},
+    {"instructions", "skills"},  # instruction files; the generated instruction set
+    {"data"},
+    {"objectives"},
+    {"evaluation", "jobs"},
+    {"trained"},  # a run loaded back
+    {"convert", "predict"},
+    {"generate"},
+    {"train"},  # one adapter's training loop
+    {"running"},  # a job's methods trained, evaluated and saved
+]
+TRAINING = {"rankshare.finetune.train", "rankshare.finetune.running"}
 
 
 def module_name(path: Path) -> str:
@@ -55,13 +74,23 @@ def imported(path: Path) -> set[str]:
     return found
 
 
-def layer_of(module: str) -> int:
+def layer_of(module: str) -> tuple[int, int]:
+    """The module's layer, and within fine-tuning its layer there (0 elsewhere)."""
     parts = module.split(".")
     key = parts[1] if len(parts) > 1 else "__init__"
     for index, names in enumerate(LAYERS):
         if key in names:
-            return index
+            return index, finetune_layer_of(module) if key == "finetune" else 0
     raise AssertionError(f"{module} is in no layer; add it to LAYERS")
+
+
+def finetune_layer_of(module: str) -> int:
+    parts = module.split(".")
+    key = parts[2] if len(parts) > 2 else "__init__"
+    for index, names in enumerate(FINETUNE):
+        if key in names:
+            return index
+    raise AssertionError(f"{module} is in no layer of fine-tuning; add it to FINETUNE")
 
 
 MODULES = {module_name(path): path for path in sorted(SOURCE.rglob("*.py"))}
@@ -90,3 +119,20 @@ def test_no_import_cycle():
     for module in graph:
         if module not in state:
             visit(module, [])
+
+
+def reachable(module: str) -> set[str]:
+    """Every rankshare module that importing ``module`` may import, through any chain of imports."""
+    found, todo = set(), [module]
+    while todo:
+        for target in imported(MODULES[todo.pop()]):
+            if target in MODULES and target not in found:
+                found.add(target)
+                todo.append(target)
+    return found
+
+
+@pytest.mark.parametrize("module", ["rankshare.finetune.trained", "rankshare.finetune.convert",
+                                    "rankshare.finetune.predict", "rankshare.finetune.generate"])
+def test_loading_a_run_imports_no_training_code(module):
+    assert not reachable(module) & TRAINING, f"{module} imports {sorted(reachable(module) & TRAINING)}"

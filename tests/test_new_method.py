@@ -92,7 +92,7 @@ def test_a_method_from_one_file_goes_through_every_stage(plain_lora, tiny_bert, 
     assert "merges without it" in capsys.readouterr().err
     merged = tmp_path / "merged"
     assert cli("merge", "--adapter", out, "--out", merged) == 0
-    from rankshare.finetune.runs import load_trained
+    from rankshare.finetune.trained import load_trained
 
     adapted, *_ = load_trained(out, "cpu")
     layers = adapted.adapter_layers()

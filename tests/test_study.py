@@ -14,7 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import rankshare as rs
 from rankshare.cli import main
 from rankshare.finetune.budget import closest_rank
-from rankshare.finetune.train import RouterTracker
+from rankshare.finetune.evaluation import RouterTracker
 from rankshare.study import runner
 from rankshare.study.plan import MIXTURE_BUDGET, Part, Variant, full_plan, quick_plan
 from rankshare.study.report import mean_std, points, specialisation, write_summary

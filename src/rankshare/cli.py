@@ -18,7 +18,6 @@ from .config import methods
 from .errors import RankshareError
 from .finetune.models import DTYPES
 from .finetune.report import markdown_table
-from .finetune.train import Settings
 
 DESCRIPTION = """Fine-tune pretrained models with LoTR, MoR, MoE-LoRA or PEFT's LoRA and compare them.
 Defaults: the packaged all-MiniLM-L6-v2 on BBC News topics + tweet sentiment, offline."""
@@ -203,13 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "LoTR run (its --out, or a compare's lotr folder); the model, target modules, share and rank "
                        "are that run's")
     _add_job_arguments(train)
+    train.set_defaults(run=_run_training)
 
     compare = commands.add_parser("compare", help="train several methods on the same data, seed and schedule",
                                   description="Train several methods at matched budgets on the same split, seed and "
                                   "schedule; write metrics.json, report.md and plots.")
     compare.add_argument("--methods", type=_methods, default=names, help="comma-separated (default: all)")
     _add_job_arguments(compare)
-    compare.set_defaults(budget=150_000)
+    compare.set_defaults(budget=150_000, run=_run_training)
     compare.description += " Default budget: 150,000 adapter parameters."
 
     evaluate = commands.add_parser("eval", help="evaluate a trained adapter", description="Evaluate a trained adapter "
@@ -225,15 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "trained head disabled: the score before training (e.g. zero-shot for sft)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--quiet", action="store_true")
+    evaluate.set_defaults(run=_run_eval)
 
     merge = commands.add_parser("merge", help="fold an adapter into its base model and save a plain model folder",
                                 description="Fold the adapter into the base weights; the output folder loads with "
                                 "transformers' AutoModel*.from_pretrained.")
     merge.add_argument("--adapter", type=Path, required=True, help="a train run's --out")
     merge.add_argument("--out", type=Path, required=True, help="the merged model folder")
-    merge.add_argument("--gates", help="mor/moelora only: N comma-separated gate weights, or a task name to use its "
-                       "mean routing")
-    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _add_gates_and_overwrite(merge)
+    merge.set_defaults(run=_run_merge)
 
     export = commands.add_parser("export", help="write adapters as PEFT LoRA folders (for PEFT, vLLM, TGI, ...)",
                                  description="Write a trained adapter as a plain PEFT LoRA adapter folder, exact: "
@@ -242,9 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--adapter", type=_run_maybe_named, action="append", required=True, metavar="[NAME=]DIR",
                         help="a train run's --out (or a compare's method folder); repeat as NAME=DIR for several")
     export.add_argument("--out", type=Path, required=True, help="the PEFT folder (or the folder of PEFT folders)")
-    export.add_argument("--gates", help="mor/moelora only: N comma-separated gate weights, or a task name to use "
-                        "its mean routing")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _add_gates_and_overwrite(export)
+    export.set_defaults(run=_run_export)
 
     compress = commands.add_parser("compress", help="fit a LoTR adapter to a trained LoRA run's updates",
                                    description="Compress a LoRA run (--method lora) into LoTR: one Tucker-2 basis per "
@@ -259,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="LoTR groups (default: %(default)s)")
     compress.add_argument("--out", type=Path, required=True, help="the compressed run (or a folder of them)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    compress.set_defaults(run=_run_compress)
 
     predict = commands.add_parser("predict", help="predict each row of a file with its task's adapter, several "
                                   "adapters on one base model", description="Load one base model with every "
@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="plain language models: tokens generated per row (default: %(default)s)")
     predict.add_argument("--device", default="auto")
     predict.add_argument("--quiet", action="store_true")
+    predict.set_defaults(run=_run_predict)
 
     generate = commands.add_parser("generate", help="answer a prompt (streamed) or every row of a file with an "
                                    "instruction-tuned run", description="Answer with an sft run (or a merged model "
@@ -302,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=_positive_int, default=16, help="with --data (default: %(default)s)")
     generate.add_argument("--device", default="auto")
     generate.add_argument("--quiet", action="store_true")
+    generate.set_defaults(run=_run_generate)
 
     bench = commands.add_parser("bench",
                                 help="measure time, memory and file size against PEFT LoRA and the frozen base",
@@ -317,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, help="results folder (default: runs/<time>-bench)")
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(run=_run_bench)
 
     study = commands.add_parser("study", help="the evidence study behind docs/RESULTS.md (resumable)",
                                 description="Reproduce LoTR's and MoR's claims: rank sweeps of LoRA and LoTR on MiniLM "
@@ -329,7 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", type=Path, help="results folder (default: docs/results, or runs/study-quick)")
     study.add_argument("--redraw", action="store_true", help="only redraw summary.md and the plots from the records")
     study.add_argument("--quiet", action="store_true")
+    study.set_defaults(run=_run_study)
     return parser
+
+
+def _add_gates_and_overwrite(parser: argparse.ArgumentParser) -> None:
+    """The options merge and export share: a routed mixture's fixed gates, and replacing --out."""
+    parser.add_argument("--gates", help="mor/moelora only: N comma-separated gate weights, or a task name to use its "
+                        "mean routing")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
 
 def _run_study(args) -> None:
@@ -352,7 +363,8 @@ def _run_study(args) -> None:
 
 
 def _job_from_args(args):
-    from .finetune.runs import Job, job_on_basis
+    from .finetune.jobs import Job, job_on_basis
+    from .finetune.train import Settings
 
     settings = {f.name: getattr(args, f.name) for f in fields(Settings) if f.name != "adapter"}
     targets = args.target_modules
@@ -389,7 +401,9 @@ def _job_from_args(args):
 
 
 def _run_training(args) -> None:
-    from .finetune.runs import Job, run_job
+    from .finetune.jobs import Job
+    from .finetune.running import run_job
+    from .finetune.train import Settings
 
     if args.resume:
         command = args.resume / "command.json"
@@ -407,7 +421,7 @@ def _run_training(args) -> None:
     else:
         job = _job_from_args(args)
         if args.dry_run:
-            from .finetune.runs import dry_run
+            from .finetune.jobs import dry_run
 
             for method, (_, note) in dry_run(job).items():
                 print(f"{method}: {note}")
@@ -430,8 +444,8 @@ def _run_training(args) -> None:
 
 
 def _run_generate(args) -> None:
-    from .finetune.data import InstructionColumns
     from .finetune.generate import answer_file, load_generator, sampling, stream
+    from .finetune.instructions import InstructionColumns
 
     if args.data is not None and args.out is None:
         raise RankshareError("--data needs --out, the file to write the answers to.")
@@ -475,66 +489,75 @@ def _gates(text: str | None):
         return text  # a task name
 
 
+def _run_bench(args) -> None:
+    from .bench import run_bench
+    from .bench.report import markdown
+    from .finetune.run_folder import check_out
+
+    out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench"
+    check_out(out, args.overwrite)
+    bench = run_bench(out, args.full, args.repeats, quiet=args.quiet, sections=(args.only,) if args.only else None,
+                      say=lambda text: print(text, file=sys.stderr))
+    print(markdown(bench))
+    print(f"results in {out}", file=sys.stderr)
+
+
+def _run_predict(args) -> None:
+    from .finetune.predict import predict_file
+
+    done = predict_file(args.adapter, args.data, args.out, args.text_column, args.task_column, args.batch_size,
+                        args.device, args.quiet, args.max_new_tokens)
+    print(f"{done['rows']} predictions in {args.out}: {done['rows_per_second']:.1f} rows/s "
+          f"({done['predict_seconds']:.1f} s; loading took {done['load_seconds']:.1f} s)", file=sys.stderr)
+
+
+def _run_eval(args) -> None:
+    from .finetune.trained import evaluate_run
+
+    if args.base and args.peft:
+        raise RankshareError("--base evaluates the model without any adapter; leave out --peft.")
+    result = evaluate_run(args.adapter, args.data, args.quiet, args.device, args.text_column, args.label_column,
+                          args.peft, args.base)
+    print(json.dumps(result, indent=2))
+
+
+def _run_compress(args) -> None:
+    from .finetune.convert import compress_run
+    from .finetune.run_folder import check_out
+
+    check_out(args.out, args.overwrite)
+    print("| rank | group | LoRA params | LoTR params | LoTR / LoRA | relative error |")
+    print("| ---: | :--- | ---: | ---: | ---: | ---: |")
+    for rank, folder, report in compress_run(args.adapter, args.rank, args.out, args.share, args.model):
+        for group, fit in report.items():
+            print(f"| {rank} | {group} | {fit.lora_parameters:,} | {fit.lotr_parameters:,} | "
+                  f"{fit.parameter_ratio:.3f} | {fit.relative_error:.4f} |")
+        print(f"LoTR rank {rank} in {folder}", file=sys.stderr)
+
+
+def _run_export(args) -> None:
+    from .finetune.convert import export_runs
+    from .finetune.run_folder import check_out
+
+    check_out(args.out, args.overwrite)
+    for folder in export_runs(args.adapter, args.out, _gates(args.gates)):
+        print(f"PEFT LoRA adapter in {folder}", file=sys.stderr)
+
+
+def _run_merge(args) -> None:
+    from .finetune.convert import merge_run
+    from .finetune.run_folder import check_out
+
+    check_out(args.out, args.overwrite)
+    print(f"merged model in {merge_run(args.adapter, args.out, _gates(args.gates))}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     # PEFT still asks transformers an old question; the answer is right and the warning is noise to users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         args = build_parser().parse_args(argv)
-        if args.command in ("train", "compare"):
-            _run_training(args)
-        elif args.command == "study":
-            _run_study(args)
-        elif args.command == "bench":
-            from .bench import run_bench
-            from .bench.report import markdown
-            from .finetune.runs import check_out
-
-            out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-bench"
-            check_out(out, args.overwrite)
-            bench = run_bench(out, args.full, args.repeats, quiet=args.quiet,
-                              sections=(args.only,) if args.only else None,
-                              say=lambda text: print(text, file=sys.stderr))
-            print(markdown(bench))
-            print(f"results in {out}", file=sys.stderr)
-        elif args.command == "generate":
-            _run_generate(args)
-        elif args.command == "predict":
-            from .finetune.predict import predict_file
-
-            done = predict_file(args.adapter, args.data, args.out, args.text_column, args.task_column,
-                                args.batch_size, args.device, args.quiet, args.max_new_tokens)
-            print(f"{done['rows']} predictions in {args.out}: {done['rows_per_second']:.1f} rows/s "
-                  f"({done['predict_seconds']:.1f} s; loading took {done['load_seconds']:.1f} s)", file=sys.stderr)
-        elif args.command == "eval":
-            from .finetune.runs import evaluate_run
-
-            if args.base and args.peft:
-                raise RankshareError("--base evaluates the model without any adapter; leave out --peft.")
-            result = evaluate_run(args.adapter, args.data, args.quiet, args.device, args.text_column, args.label_column,
-                                  args.peft, args.base)
-            print(json.dumps(result, indent=2))
-        elif args.command == "compress":
-            from .finetune.runs import check_out, compress_run
-
-            check_out(args.out, args.overwrite)
-            print("| rank | group | LoRA params | LoTR params | LoTR / LoRA | relative error |")
-            print("| ---: | :--- | ---: | ---: | ---: | ---: |")
-            for rank, folder, report in compress_run(args.adapter, args.rank, args.out, args.share, args.model):
-                for group, fit in report.items():
-                    print(f"| {rank} | {group} | {fit.lora_parameters:,} | {fit.lotr_parameters:,} | "
-                          f"{fit.parameter_ratio:.3f} | {fit.relative_error:.4f} |")
-                print(f"LoTR rank {rank} in {folder}", file=sys.stderr)
-        elif args.command == "export":
-            from .finetune.runs import check_out, export_runs
-
-            check_out(args.out, args.overwrite)
-            for folder in export_runs(args.adapter, args.out, _gates(args.gates)):
-                print(f"PEFT LoRA adapter in {folder}", file=sys.stderr)
-        else:
-            from .finetune.runs import check_out, merge_run
-
-            check_out(args.out, args.overwrite)
-            print(f"merged model in {merge_run(args.adapter, args.out, _gates(args.gates))}", file=sys.stderr)
+        args.run(args)
     except RankshareError as error:
         message = str(error)
         print(message if message.startswith("rankshare") else f"rankshare: {message}", file=sys.stderr)

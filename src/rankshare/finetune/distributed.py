@@ -3,7 +3,8 @@
 Every process builds the same adapter from the same seed; ``DistributedDataParallel`` averages the
 gradients, so the global batch of each step is split over the processes, not repeated. Evaluation is
 sharded too and the raw tallies are pooled before metrics are computed. Only the first process writes.
-Without the launchers' environment (``WORLD_SIZE`` unset or 1) all of this is a no-op.
+Without the launchers' environment (``WORLD_SIZE`` unset or 1) all of this is a no-op. ``pick_device`` is
+the device a ``--device`` names, for each process its own GPU under a launcher.
 """
 
 from __future__ import annotations
@@ -12,6 +13,23 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from ..errors import RankshareError
+
+
+def pick_device(name: str) -> torch.device:
+    """The device ``--device`` names (auto: a GPU when there is one); under a launcher, this process's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RankshareError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RankshareError("--device cuda: no CUDA GPU is available here; use --device cpu.")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # a launcher's process, one per GPU
+    return device
 
 
 def launched() -> bool:

@@ -18,12 +18,15 @@ import torch
 from ..atomic_files import replace_file
 from ..config import AdapterConfig
 from ..errors import RankshareError
-from .data import InstructionColumns, read_prompts
+from .convert import run_gates
+from .distributed import pick_device
+from .instructions import InstructionColumns, read_prompts
+from .jobs import job_objective, recorded_job
 from .models import ModelSource, load_causal_lm, load_tokenizer
 from .objectives import InstructionTuning
 from .predict import adapter_routes, check_bases, load_model_with, shared_base
 from .progress import progress
-from .runs import job_objective, load_trained, pick_device, recorded_job, run_gates
+from .trained import load_trained
 
 
 @dataclass
@@ -85,7 +88,7 @@ def _several_runs(adapters: list[tuple[str | None, Path]], task: str | None, dev
         raise RankshareError(f"--task {task} names no --adapter; the adapters are {', '.join(routes)}.")
     source = shared_base(routes)
     check_bases(routes)
-    model = load_model_with(source, routes).to(pick_device(device)).eval()
+    model = load_model_with(routes).to(pick_device(device)).eval()
     first = next(iter(routes.values()))
     job = recorded_job(first.run)
     job.max_new_tokens = max_new_tokens

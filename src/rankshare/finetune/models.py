@@ -91,6 +91,23 @@ def load_causal_lm(source: ModelSource, dtype: str = "float32") -> nn.Module:
     return _load(AutoModelForCausalLM, source, dtype)
 
 
+def load_base(source: ModelSource, kind: str, tasks: dict[str, list[str]], dtype: str = "float32") -> nn.Module:
+    """The base model a run of ``kind`` adapts: for ``classify`` a sequence classifier with a new head, one
+    output per ``task:label`` of ``tasks`` (so named in its config); for the other kinds a causal LM."""
+    if kind != "classify":
+        return load_causal_lm(source, dtype)
+    model = load_classifier(source, sum(len(labels) for labels in tasks.values()), dtype)
+    _name_labels(model, tasks)
+    return model
+
+
+def _name_labels(model: nn.Module, tasks: dict[str, list[str]]) -> None:
+    """Write ``task:label`` names into the head's config, in the order of the one head over all tasks."""
+    names = [f"{task}:{label}" for task, labels in tasks.items() for label in labels]
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
+
+
 def model_skeleton(source: ModelSource, causal: bool) -> nn.Module:
     """The model a run builds (a sequence classifier, or a causal LM), with its shapes and no weights (on the meta
     device): enough to plan an adapter. The data is not read, so a classifier's head has a placeholder width."""

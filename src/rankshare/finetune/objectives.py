@@ -45,6 +45,23 @@ def padded(rows: list[list[int]], pad_token_id: int, device) -> dict[str, torch.
     return {"input_ids": _pad(rows, pad_token_id).to(device), "attention_mask": _attention_mask(rows).to(device)}
 
 
+def left_padded(rows: list[list[int]], pad_token_id: int, device) -> dict[str, torch.Tensor]:
+    """Token rows padded on the left, so that every row's continuation follows its own last token: ``input_ids``
+    and ``attention_mask``, (B, longest row)."""
+    width = max(map(len, rows))
+    return {"input_ids": torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows], device=device),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)}
+
+
+def likeliest(pairs: list[tuple[int, int]], scores: list[float]) -> dict[int, int]:
+    """Each row's candidate of highest score, from the ``(row, candidate)`` pairs and their scores (first on ties)."""
+    best: dict[int, tuple[float, int]] = {}
+    for (row, k), score in zip(pairs, scores):
+        if row not in best or score > best[row][0]:
+            best[row] = (score, k)
+    return {row: k for row, (_, k) in best.items()}
+
+
 def token_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(token t+1 | tokens ≤ t) at every labelled position, 0 elsewhere: (B, T-1)."""
     logits = logits[:, :-1].float()  # (B, T-1, V)
@@ -123,6 +140,11 @@ class SequenceClassification(Objective):
         rows = self.encode([e.text for e in examples], self.max_length)
         return Batch(padded(rows, self.tokenizer.pad_token_id, device), examples)
 
+    def label_of(self, logits: torch.Tensor, task: str) -> int:
+        """The likeliest of ``task``'s labels (an index into them) from one row of the head's logits (num_labels,)."""
+        start = self.offsets[task]
+        return int(logits[start : start + len(self.tasks[task])].argmax())
+
     def _task_logits(self, model, batch: Batch) -> torch.Tensor:
         logits = self.forward(model, batch.inputs, batch.examples).logits.float()
         return logits.masked_fill(~self._task_mask(batch.examples, logits.device), -torch.inf)
@@ -198,14 +220,11 @@ class TextToLabel(Objective):
             scores[start : start + len(chunk)] = log_likelihoods.sum(-1).cpu()
             if progress:
                 progress(len({i for i, _ in chunk}))
-        best: dict[int, tuple[float, int]] = {}
-        for (i, k), score in zip(pairs, scores.tolist()):
-            if i not in best or score > best[i][0]:
-                best[i] = (score, k)
+        best = likeliest(pairs, scores.tolist())
         labels, predictions = defaultdict(list), defaultdict(list)
         for i, example in enumerate(examples):
             labels[example.task].append(example.label)
-            predictions[example.task].append(best[i][1])
+            predictions[example.task].append(best[i])
         return {"labels": dict(labels), "predictions": dict(predictions)}
 
 
@@ -347,7 +366,11 @@ class InstructionTuning(Objective):
     def generate(self, model, contexts: list[tuple[tuple[str, str], ...]], device, **options) -> list[str]:
         """Each conversation's answer, generated from its prompt: greedy unless ``options`` say otherwise (they go
         to ``model.generate``: ``do_sample``, ``temperature``, ``adapter_names``, ``streamer``, ...)."""
-        prompts = self.prompt_batch(contexts, device)
+        return self.continue_batch(model, self.prompt_batch(contexts, device), **options)
+
+    def continue_batch(self, model, prompts: dict[str, torch.Tensor], **options) -> list[str]:
+        """Each row's answer to a batch of prompts already laid out and padded on the left (``left_padded``), as
+        ``generate`` answers them."""
         options = {"do_sample": False, **options}
         output = model.generate(**prompts, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                                 eos_token_id=self.tokenizer.eos_token_id, **options)
@@ -355,10 +378,7 @@ class InstructionTuning(Objective):
 
     def prompt_batch(self, contexts: list[tuple[tuple[str, str], ...]], device) -> dict[str, torch.Tensor]:
         """The prompts padded on the left, so that every row's answer continues from its own last token."""
-        prompts = [self.prompt_ids(context) for context in contexts]
-        width, pad = max(map(len, prompts)), self.tokenizer.pad_token_id
-        return {"input_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device),
-                "attention_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)}
+        return left_padded([self.prompt_ids(context) for context in contexts], self.tokenizer.pad_token_id, device)
 
     @torch.no_grad()
     def tally(self, model, examples, batch_size, device, progress=None) -> dict:

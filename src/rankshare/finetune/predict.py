@@ -24,11 +24,14 @@ import rankshare as rs
 from ..atomic_files import replace_file
 from ..config import AdapterConfig, ExternalAdapterConfig
 from ..errors import RankshareError
-from .data import read_rows
-from .models import load_causal_lm, load_classifier, load_tokenizer, resolve_model
-from .objectives import padded, token_log_likelihoods
+from .data_files import read_rows
+from .distributed import pick_device
+from .jobs import job_objective, recorded_job
+from .models import load_tokenizer, resolve_model
+from .objectives import InstructionTuning, left_padded, likeliest, padded, token_log_likelihoods
 from .progress import progress
-from .runs import job_objective, load_basis, load_run, pick_device, recorded_job
+from .run_folder import load_run
+from .trained import load_basis, run_base
 
 HIDDEN_PREFIX = "__"  # adapter names of bases loaded only because another adapter uses them
 
@@ -68,7 +71,7 @@ def predict_file(adapters: list[tuple[str, Path]], data: Path, out: Path, text_c
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(source)
-    model = load_model_with(source, routes).to(pick_device(device)).eval()
+    model = load_model_with(routes).to(pick_device(device)).eval()
     loaded = time.perf_counter()
     with progress(len(texts), "predict", "rows", quiet) as bar:
         rows = [routes[name] for name in names]
@@ -181,14 +184,11 @@ def _identity(source) -> tuple[str, str | None]:
 # --- the model --------------------------------------------------------------------------------------------
 
 
-def load_model_with(source, routes: dict[str, Route]) -> rs.AdaptedModel:
-    """One base model with every adapter; those on a basis after the adapters that may be their basis."""
-    first = next(iter(routes.values()))
-    # Each adapter brings its own head; the base model's is never used.
-    dtype = recorded_job(first.run).dtype
-    base = load_classifier(source, len(first.labels), dtype) if first.kind == "classify" else load_causal_lm(source,
-                                                                                                            dtype)
-    model = rs.AdaptedModel(base)
+def load_model_with(routes: dict[str, Route]) -> rs.AdaptedModel:
+    """One base model (``shared_base``) with every adapter; those on a basis after the adapters that may be their
+    basis."""
+    # The first run's base serves them all: each adapter brings its own head, and the base model's is never used.
+    model = rs.AdaptedModel(run_base(next(iter(routes.values())).run))
     on_basis = [route for route in routes.values() if route.run.get("basis")]
     for route in routes.values():
         if route not in on_basis:
@@ -218,6 +218,9 @@ def _predict(model, tokenizer, routes: list[Route], texts: list[str], batch_size
     # Each run's own objective: its tasks and max length decide how a text is cut and prompted.
     objectives = {r.name: job_objective(r.kind, tokenizer, r.run["tasks"], recorded_job(r.run)) for r in used}
     tokens = _encode(objectives, routes, texts, tokenizer)
+    # Plain and instruction-tuned LMs continue their rows' prompts (laid out above, each by its own run's objective)
+    # as ``generate`` answers: greedily, up to max_new_tokens or the end of the turn.
+    generator = InstructionTuning(tokenizer, {}, max(o.max_length for o in objectives.values()), max_new_tokens)
     device = next(model.parameters()).device
     predictions = []
     for start in range(0, len(texts), batch_size):
@@ -228,7 +231,7 @@ def _predict(model, tokenizer, routes: list[Route], texts: list[str], batch_size
             elif batch[0].kind == "text_to_label":
                 predictions += _likeliest_labels(model, batch, ids, objectives, device)
             else:
-                predictions += _generate(model, batch, ids, tokenizer, max_new_tokens, device)
+                predictions += _generate(model, batch, ids, generator, device)
         advance(len(batch))
     return predictions
 
@@ -255,11 +258,8 @@ def _encode(objectives: dict, routes: list[Route], texts: list[str], tokenizer) 
 
 def _classify(model, batch: list[Route], ids, objectives, tokenizer, device) -> list[str]:
     logits = model(**padded(ids, tokenizer.pad_token_id, device), adapter_names=[r.name for r in batch]).logits
-    predictions = []
-    for row, route in zip(logits, batch):  # row: (widest head,); this adapter's head over all its run's tasks
-        start = objectives[route.name].offsets[route.task]
-        predictions.append(route.labels[int(row[start : start + len(route.labels)].argmax())])
-    return predictions
+    # A row of logits: (widest head,), its adapter's head over all its run's tasks first.
+    return [route.labels[objectives[route.name].label_of(row, route.task)] for row, route in zip(logits, batch)]
 
 
 def _likeliest_labels(model, batch: list[Route], prompts, objectives, device) -> list[str]:
@@ -269,21 +269,12 @@ def _likeliest_labels(model, batch: list[Route], prompts, objectives, device) ->
     inputs = objectives[batch[0].name].sequences([prompts[row] for row, _ in pairs], answers, device)
     labels = inputs.pop("labels")
     logits = model(**inputs, adapter_names=[batch[row].name for row, _ in pairs]).logits
-    scores = token_log_likelihoods(logits, labels).sum(-1).tolist()
-    best: dict[int, tuple[float, int]] = {}
-    for (row, k), score in zip(pairs, scores):
-        if row not in best or score > best[row][0]:
-            best[row] = (score, k)
-    return [route.labels[best[row][1]] for row, route in enumerate(batch)]
+    best = likeliest(pairs, token_log_likelihoods(logits, labels).sum(-1).tolist())
+    return [route.labels[best[row]] for row, route in enumerate(batch)]
 
 
-def _generate(model, batch: list[Route], prompts, tokenizer, max_new_tokens: int, device) -> list[str]:
-    """Greedy continuations; prompts are padded on the left, so that every row continues from its last token."""
-    width = max(map(len, prompts))
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    output = model.generate(input_ids=ids, attention_mask=mask, adapter_names=[r.name for r in batch],
-                            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                            eos_token_id=tokenizer.eos_token_id)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+def _generate(model, batch: list[Route], prompts, generator: InstructionTuning, device) -> list[str]:
+    """Greedy continuations, each by its row's adapter."""
+    answers = generator.continue_batch(model, left_padded(prompts, generator.tokenizer.pad_token_id, device),
+                                       adapter_names=[r.name for r in batch])
+    return [answer.strip() for answer in answers]

@@ -201,5 +201,5 @@ def phrased_tasks(corpora: dict[str, tuple[list[str], list[list]]]) -> dict[str,
 
 
 def _key(prompt: str) -> str:
-    """A prompt as compared for duplicates: whitespace collapsed, lower case (as data.py compares them)."""
+    """A prompt as compared for duplicates: whitespace collapsed, lower case (as instructions.py compares them)."""
     return " ".join(prompt.split()).lower()

@@ -21,9 +21,12 @@ from torch import nn
 from ..config import AdapterConfig, ExternalAdapterConfig, method_class
 from ..errors import RankshareError
 from ..finetune.budget import closest_rank
+from ..finetune.evaluation import evaluate
+from ..finetune.jobs import Job
 from ..finetune.models import head_modules
-from ..finetune.runs import Job, Workspace, fit, write_json
-from ..finetune.train import Settings, attach_adapter, evaluate, versions
+from ..finetune.run_folder import write_json
+from ..finetune.running import Workspace, fit
+from ..finetune.train import Settings, attach_adapter, versions
 from .plan import Part, Variant, search_rank
 
 PLAN_FILE = "plan.json"

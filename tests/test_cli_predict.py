@@ -266,7 +266,7 @@ def test_predict_refuses_adapters_on_other_models_or_without_their_basis(runs, l
     capsys.readouterr()
     assert cli("predict", "--adapter", f"colors={lotr_run_elsewhere}", "--data", rows, "--out", out) == 2
     err = capsys.readouterr().err.strip()
-    assert f"trained on the LoTR factors of the run {tmp_path / 'gone'}, which is not there" in err
+    assert f"trained on the shared factors of the run {tmp_path / 'gone'}, which is not there" in err
     assert len(err.splitlines()) == 1 and not out.exists()
 
     _edit_run(lotr_run_elsewhere, lambda run: run["basis"].update(run=str(runs["topics"]), fingerprint="0" * 64))

@@ -10,7 +10,7 @@ import json
 import math
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -186,3 +186,76 @@ def test_option_types_reach_the_command_line(recwarn):
         assert any("--seed of plainlora-options clashes" in str(w.message) for w in recwarn)
     finally:
         unregister("plainlora-options")
+
+
+class SharedUpLayer(rs.AdapterLayer):
+    """ΔW_l = s · B A_l with B (d_out, r) owned once by the adapter that is the basis, A_l (r, d_in) per layer."""
+
+    def __init__(self, base_layer: nn.Module, up: nn.Module, rank: int, scale: float) -> None:
+        super().__init__(base_layer, scale)
+        self.lora_A = nn.Parameter(torch.zeros(rank, self.in_features, **self.factory))
+        object.__setattr__(self, "up", up)  # owned by the model, once
+
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.up]
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ (self.scale * self.lora_A).T) @ self.up.weight.T
+
+    def lora_factors(self, gates=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.up.weight, self.scale * self.lora_A
+
+
+@dataclass
+class SharedUpConfig(rs.AdapterConfig):
+    """A second method with a basis, whose basis field has another name than LoTR's and ties only rank and targets."""
+
+    method = "sharedup"
+    title = "shared-up LoRA"
+    uses_a_basis = True
+
+    up_from: str | None = field(default=None, metadata={"option": False})
+
+    def basis_name(self):
+        return self.up_from
+
+    def on_basis(self, basis):
+        return replace(self, up_from=basis)
+
+    def basis_options(self):
+        return {"rank": self.rank, "target_modules": self.target_modules}
+
+    def create_adapters(self, targets, basis=None):
+        def key(base):
+            return "x".join(map(str, rs.layer.linear_shape(base)))
+
+        ups = basis if self.up_from else {}
+        for base in targets.values():
+            if key(base) not in ups:
+                d_out = rs.layer.linear_shape(base)[0]
+                ups[key(base)] = nn.Linear(self.rank, d_out, bias=False)
+        layers = {name: SharedUpLayer(base, ups[key(base)], self.rank, self.scale) for name, base in targets.items()}
+        return layers, ({} if self.up_from else ups)
+
+    def num_trainable_parameters(self, shapes):
+        ups = {} if self.up_from else {shape: shape[0] * self.rank for shape in shapes.values()}
+        return sum(self.rank * d_in for _, d_in in shapes.values()) + sum(ups.values())
+
+
+def test_a_second_method_with_a_basis_trains_on_one_through_the_command_line(tiny_bert, topics_csv, tmp_path):  # noqa: F811
+    """Nothing outside this file knows how SharedUpConfig names its basis or what it ties to it."""
+    rs.register(SharedUpConfig)
+    try:
+        basis, task = tmp_path / "basis", tmp_path / "task"
+        assert cli("train", "--method", "sharedup", "--rank", 2, "--max-steps", 4, *common(tiny_bert, topics_csv),
+                   "--out", basis) == 0
+        assert cli("train", "--method", "sharedup", "--basis", basis, "--max-steps", 4, "--data", topics_csv,
+                   "--text-column", "body", "--label-column", "topic", "--max-length", 16, "--batch-size", 8,
+                   "--quiet", "--out", task) == 0
+        assert cli("train", "--method", "sharedup", "--basis", basis, "--rank", 3, "--dry-run") == 2
+        record = json.loads((task / "metrics.json").read_text())
+        assert record["config"]["adapter"]["up_from"] == "basis" and record["rank"] == 2
+        assert record["trainable_parameters"]["adapter"] == 2 * 32 * 4  # A_l only: 4 layers of d_in 32 at rank 2
+        assert cli("eval", "--adapter", task, "--quiet") == 0
+    finally:
+        unregister("sharedup")

@@ -198,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     names = list(methods())
     train.add_argument("--method", choices=names, default="lotr", help=f"one of {', '.join(names)} (lora is PEFT's) "
                        "(default: %(default)s)")
-    train.add_argument("--basis", metavar="DIR", help="train only LoTR cores on the frozen factors of a trained "
-                       "LoTR run (its --out, or a compare's lotr folder); the model, target modules, share and rank "
+    train.add_argument("--basis", metavar="DIR", help="train an adapter on the frozen shared factors of a trained run "
+                       "of a method with a basis (LoTR: cores only, on the U and V of its --out, or a compare's lotr "
+                       "folder); the model and what the method ties to its basis (LoTR: target modules, share, rank) "
                        "are that run's")
     _add_job_arguments(train)
     train.set_defaults(run=_run_training)

@@ -7,7 +7,6 @@ fingerprint), the checks a load makes before the model changes, and the undo whe
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -103,7 +102,7 @@ class AdapterFiles:
         tensors = persistence.read_weights(directory, record)
         saved_basis = config.basis_name()
         if saved_basis is not None:
-            config = dataclasses.replace(config, basis=basis or saved_basis)
+            config = config.on_basis(basis or saved_basis)
             self._check_basis(config.basis_name(), saved_basis, record, config_path)
         elif basis is not None:
             raise RankshareError(f"{config_path} is not an adapter on a basis; leave out basis={basis!r}.")

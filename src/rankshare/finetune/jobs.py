@@ -115,8 +115,8 @@ def job_config(job: Job, method: str, rank: int, targets, options: dict | None =
     cls = method_class(method)
     if options is None:
         options = {name: value for name, value in job.options.items() if name in cls.options()}
-    on_basis = {"basis": BASIS_ADAPTER} if job.basis else {}
-    return cls(rank=rank, alpha=job.alpha, target_modules=targets, **options, **on_basis)
+    config = cls(rank=rank, alpha=job.alpha, target_modules=targets, **options)
+    return config.on_basis(BASIS_ADAPTER) if job.basis else config
 
 
 def plan_adapters(job: Job, shapes: dict[str, tuple[int, int]], targets) -> dict[str, tuple[AdapterConfig | None, str]]:
@@ -141,39 +141,43 @@ def dry_run(job: Job) -> dict[str, tuple[AdapterConfig | None, str]]:
 
 
 def methods_on_a_basis() -> list[str]:
-    """The methods whose adapters can use the factors of another adapter (their config has a ``basis``)."""
-    return [name for name, cls in methods().items() if "basis" in {f.name for f in fields(cls)}]
+    """The methods whose adapters can use the shared modules of another adapter (``uses_a_basis``)."""
+    return [name for name, cls in methods().items() if cls.uses_a_basis]
 
 
 def job_on_basis(job: Job, basis: str) -> Job:
-    """``job`` on the factors of the trained LoTR run in folder ``basis``: that run's model, target modules,
-    share and rank, which ``job`` must leave out (None) or give alike. Checked before anything is loaded."""
+    """``job`` on the shared factors of the trained run in folder ``basis``: that run's model, and what its config
+    says an adapter on it takes (``basis_options``: LoTR's target modules, share and rank), which ``job`` must
+    leave out (None) or give alike. Checked before anything is loaded."""
     run, _ = load_run(Path(basis), "--basis")
-    adapter = run["settings"]["adapter"]
+    config = AdapterConfig.from_dict(run["settings"]["adapter"])
+    usable = ", ".join(methods_on_a_basis())
     if job.methods[0] not in methods_on_a_basis():
-        raise RankshareError(f"--basis trains a {', '.join(methods_on_a_basis())} adapter on another run's factors, "
-                             f"not a {job.methods[0]} adapter; leave out --method or choose one of those.")
-    if adapter["method"] not in methods_on_a_basis():
-        raise RankshareError(f"--basis {basis} is a {adapter['method']} run; the basis must be a trained "
-                             f"{', '.join(methods_on_a_basis())} run, whose factors the new adapter uses.")
-    if adapter.get("basis"):
+        raise RankshareError(f"--basis trains a {usable} adapter on another run's factors, not a {job.methods[0]} "
+                             "adapter; leave out --method or choose one of those.")
+    if not config.uses_a_basis or job.methods[0] != config.method:
+        raise RankshareError(f"--basis {basis} is a {config.method} run; the basis must be a trained "
+                             f"{job.methods[0]} run, whose factors the new adapter uses.")
+    if config.basis_name() is not None:
         raise RankshareError(f"--basis {basis} was itself trained on the factors of {run['basis']['run']}; give "
                              "that run as --basis.")
+    taken = config.basis_options()
     if job.budget is not None:
-        raise RankshareError(f"--basis {basis} fixes the rank ({adapter['rank']}); leave out --budget.")
-    fixed = {"--model": (job.model, run["job"]["model"]), "--rank": (job.rank, adapter["rank"]),
-             "--target-modules": (job.target_modules, adapter["target_modules"]),
-             "--share": (job.options.get("share"), adapter.get("share"))}
-    for option, (given, used) in fixed.items():
-        if given is not None and given != used:
+        raise RankshareError(f"--basis {basis} fixes the rank ({taken.get('rank')}); leave out --budget.")
+    given = {"model": job.model, "rank": job.rank, "target_modules": job.target_modules, **job.options}
+    for name, used in {"model": run["job"]["model"], **taken}.items():
+        if given.get(name) is not None and given[name] != used:
+            option = f"--{name.replace('_', '-')}"
             raise RankshareError(f"--basis {basis} was trained with {option} {_shown(used)}, and the new adapter "
-                                 f"uses its factors, so it takes the same; leave out {option} {_shown(given)}.")
+                                 f"uses its factors, so it takes the same; leave out {option} {_shown(given[name])}.")
     if job.objective != "auto" and (job.objective == "classify") != (run["kind"] == "classify"):
         raise RankshareError(f"--basis {basis} is a {run['kind']} run, so the new adapter needs a "
                              f"{'classification head' if run['kind'] == 'classify' else 'causal LM'} too; leave out "
                              f"--objective {job.objective}.")
-    return replace(job, model=run["job"]["model"], rank=adapter["rank"], target_modules=adapter["target_modules"],
-                   options={**job.options, "share": adapter["share"]}, basis=basis)
+    options = {name: value for name, value in taken.items() if name not in ("rank", "target_modules")}
+    return replace(job, model=run["job"]["model"], rank=taken.get("rank", job.rank),
+                   target_modules=taken.get("target_modules", job.target_modules),
+                   options={**job.options, **options}, basis=basis)
 
 
 def _shown(value) -> str:

@@ -171,7 +171,7 @@ def check_bases(routes: dict[str, Route]) -> None:
         try:
             load_run(Path(route.run["basis"]["run"]), "--basis")
         except RankshareError:
-            raise RankshareError(f"--adapter {route.name} was trained on the LoTR factors of the run "
+            raise RankshareError(f"--adapter {route.name} was trained on the shared factors of the run "
                                  f"{route.run['basis']['run']}, which is not there; give that run as another "
                                  "--adapter, or bring it back there.") from None
 

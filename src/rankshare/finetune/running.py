@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpointing import enable_checkpointing
 from ..config import AdapterConfig
 from ..errors import RankshareError
-from ..model import enable_checkpointing
 from ..targets import target_shapes
 from . import distributed
 from .data import DataSplits

@@ -53,12 +53,12 @@ def load_basis(model: rs.AdaptedModel, run: dict, folder: Path, name: str) -> No
     try:
         basis_folder = load_run(Path(recorded["run"]), "--basis")[1]
     except RankshareError:
-        raise RankshareError(f"{folder} was trained on the LoTR factors of the run {recorded['run']}, which is not "
+        raise RankshareError(f"{folder} was trained on the shared factors of the run {recorded['run']}, which is not "
                              "there (no run.json and adapter/); bring that run back there, unchanged.") from None
     model.load_adapter(basis_folder / "adapter", name)
     if model.basis_fingerprint(name) != recorded["fingerprint"]:
         model.delete_adapter(name)
-        raise RankshareError(f"{folder} was trained on the LoTR factors of the run {recorded['run']}, but that run's "
+        raise RankshareError(f"{folder} was trained on the shared factors of the run {recorded['run']}, but that run's "
                              "factors have changed since (their fingerprint differs); bring back the basis it was "
                              f"trained on, or train it again with --basis {recorded['run']}.")
 

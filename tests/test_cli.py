@@ -133,6 +133,32 @@ def test_merge_mor_needs_gates(tiny_bert, topics_csv, tmp_path, capsys):
     assert (tmp_path / "m3" / "config.json").is_file()
 
 
+def test_gates_of_a_task_are_each_layers_own_mean_routing(tiny_bert, topics_csv, tmp_path):
+    """--gates TASK merges and exports every layer with that layer's recorded mean gates, not their average."""
+    import peft
+
+    from rankshare.finetune.trained import load_trained
+
+    out = tmp_path / "run"
+    assert cli("train", "--method", "mor", "--rank", 2, "--num-experts", 3, "--max-steps", 4, "--lr", 5e-2,
+               *common(tiny_bert, topics_csv), "--out", out) == 0
+    record = json.loads((out / "metrics.json").read_text())
+    layers = dict(zip(record["router_modules"], record["router_layers"]["topics"]))
+    assert len(layers) == 4 and len({tuple(g) for g in layers.values()}) == 4  # each layer routes its own way
+    assert cli("merge", "--adapter", out, "--out", tmp_path / "merged", "--gates", "topics") == 0
+    assert cli("export", "--adapter", out, "--out", tmp_path / "peft", "--gates", "topics") == 0
+    ids = torch.randint(0, 30000, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = load_trained(out, "cpu")[0]
+        reference = adapted.merge_and_unload(gates={name: torch.tensor(g) for name, g in layers.items()})(input_ids=ids)
+        merged = BertForSequenceClassification.from_pretrained(tmp_path / "merged")(input_ids=ids)
+        torch.testing.assert_close(merged.logits, reference.logits, rtol=1e-5, atol=1e-5)
+        exported = peft.PeftModel.from_pretrained(load_trained(out, "cpu")[0].unload(), tmp_path / "peft").eval()
+        torch.testing.assert_close(exported(input_ids=ids).logits, reference.logits, rtol=1e-5, atol=1e-5)
+        averaged = load_trained(out, "cpu")[0].merge_and_unload(gates=record["router"]["topics"])(input_ids=ids)
+        assert not torch.equal(averaged.logits, reference.logits)  # 4 steps move little, but the average differs
+
+
 def test_interrupted_run_resumes_to_the_same_result(tiny_bert, topics_csv, tmp_path):
     """Stop after 5 of 12 steps (a checkpoint every 2), resume in a new workspace: same adapter as straight through."""
     from rankshare.finetune.jobs import Job

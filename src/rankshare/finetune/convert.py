@@ -23,9 +23,13 @@ from .run_folder import load_run, write_json
 from .trained import load_trained, run_base
 
 
-def run_gates(config: AdapterConfig, folder: Path, gates: list[float] | str | None, command: str):
+def run_gates(config: AdapterConfig, folder: Path, gates: list[float] | str | None, command: str,
+              modules: list[str]):
     """The gates to merge or export a run's adapter with: None for an adapter without a router, the weights
-    given, or a task's mean routing recorded at evaluation (``gates`` a task name)."""
+    given (every layer), or a task's mean routing recorded at evaluation (``gates`` a task name), each layer its
+    own as ``{module name: weights}``: a layer's experts are its own, so an average over layers would mix
+    unrelated experts. ``modules`` are the adapter's modules, in the order runs before the names were recorded
+    kept their layers."""
     if config.merge_needs_gates and gates is None:
         options = ", ".join(f"{name}={value}" for name, value in config.option_values().items())
         raise RankshareError(f"A {config.method} adapter ({options}) routes each token differently and {command}s "
@@ -33,18 +37,19 @@ def run_gates(config: AdapterConfig, folder: Path, gates: list[float] | str | No
     if not config.merge_needs_gates and gates is not None:
         raise RankshareError(f"--gates applies to routed mixtures only; a {config.method} adapter {command}s without "
                              "it.")
-    if isinstance(gates, str):  # a task name: that task's mean routing, measured at evaluation
-        router = json.loads((folder / "metrics.json").read_text()).get("router") or {}
-        if gates not in router:
-            raise RankshareError(f"--gates {gates}: no mean routing recorded for that task; tasks: {sorted(router)}.")
-        gates = router[gates]
+    if isinstance(gates, str):  # a task name: that task's mean routing per layer, measured at evaluation
+        metrics = json.loads((folder / "metrics.json").read_text())
+        layers = metrics.get("router_layers") or {}
+        if gates not in layers:
+            raise RankshareError(f"--gates {gates}: no mean routing recorded for that task; tasks: {sorted(layers)}.")
+        return dict(zip(metrics.get("router_modules") or modules, layers[gates]))
     return gates
 
 
 def merge_run(directory: Path, out: Path, gates: list[float] | str | None) -> Path:
     model, run, tokenizer, folder = load_trained(directory, "cpu")
     config = AdapterConfig.from_dict(run["settings"]["adapter"])
-    gates = run_gates(config, folder, gates, "merge")
+    gates = run_gates(config, folder, gates, "merge", model.targeted_module_names)
     plain = model.merge_and_unload(gates=gates) if config.merge_needs_gates else model.merge_and_unload()
     with _folder_aside(out) as temporary:
         plain.save_pretrained(str(temporary))
@@ -65,10 +70,13 @@ def export_runs(adapters: list[tuple[str | None, Path]], out: Path, gates: list[
         if isinstance(config, ExternalAdapterConfig):
             raise RankshareError(f"--adapter {directory} is a {config.method} run, already in that library's format: "
                                  f"its folder {folder / 'adapter'} loads as it is.")
-        trained.append((name, folder, run_gates(config, folder, gates, "export")))
+        run_gates(config, folder, gates, "export", [])  # the gates' checks, before any model is loaded
+        trained.append((name, folder, config))
     with _folder_aside(out) as temporary:
-        for name, folder, weights in trained:
-            rs.export_peft(load_trained(folder, "cpu")[0], temporary / name if name else temporary, gates=weights)
+        for name, folder, config in trained:
+            model = load_trained(folder, "cpu")[0]
+            weights = run_gates(config, folder, gates, "export", model.targeted_module_names)
+            rs.export_peft(model, temporary / name if name else temporary, gates=weights)
     return [out / name if name else out for name, _, _ in trained]
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..mixture import MixtureLayer
+from ..model import AdaptedModel
 from ..slots import AdaptedLinear
 from . import distributed
 from .data import DataSplits
@@ -25,13 +26,17 @@ class RouterTracker:
     """Mean gate per expert for each task and layer, over the tokens of the examples (padding excluded).
 
     Each layer has its own router, so expert i of one layer has nothing to do with expert i of another:
-    ``layer_means`` keeps them apart; ``means`` averages over layers (a summary, and ``merge --gates TASK``).
+    ``layer_means`` keeps them apart (``names`` gives each layer's module name; ``merge --gates TASK`` uses them);
+    ``means`` averages over layers (a summary).
     """
 
     def __init__(self, model: nn.Module) -> None:
         # The hooks go on the slots that hold the routers: a slot calls its active adapter's methods directly.
-        self.layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)
-                       and isinstance(m.adapters[m.active] if m.active in m.adapters else None, MixtureLayer)]
+        modules = (model.base_model if isinstance(model, AdaptedModel) else model).named_modules()
+        routed = [(name, m) for name, m in modules if isinstance(m, AdaptedLinear)
+                  and isinstance(m.adapters[m.active] if m.active in m.adapters else None, MixtureLayer)]
+        self.names = [name for name, _ in routed]
+        self.layers = [m for _, m in routed]
         self.sums: dict[str, torch.Tensor] = {}  # task -> (layers, N)
         self.counts: dict[str, float] = {}  # task -> tokens seen by each layer
         self.current: tuple[torch.Tensor, list[str]] | None = None
@@ -80,7 +85,8 @@ class RouterTracker:
 def evaluate(model, objective: Objective, splits: DataSplits, batch_size: int, device, quiet: bool,
              names: tuple[str, ...] = ("validation", "test")) -> dict:
     """Scores on each split in ``names``; for mixtures also the routing on the last of them (mean gates,
-    averaged over layers in "router" and per layer in "router_layers")."""
+    averaged over layers in "router", per layer in "router_layers", in the order of the modules "router_modules"
+    names)."""
     model.eval()
     tracker = RouterTracker(model)
     results = {}
@@ -98,4 +104,5 @@ def evaluate(model, objective: Objective, splits: DataSplits, batch_size: int, d
     if not tracker.layers:
         return {"metrics": results, "router": None}
     layer_means = tracker.layer_means()  # gathered from every process once
-    return {"metrics": results, "router": layer_average(layer_means), "router_layers": layer_means}
+    return {"metrics": results, "router": layer_average(layer_means), "router_layers": layer_means,
+            "router_modules": tracker.names}

@@ -71,7 +71,8 @@ def _one_run(directory: Path, task: str | None, device: str, max_new_tokens: int
         raise RankshareError(f"--task {task} names no task of {directory}; its tasks are {', '.join(run['tasks'])}.")
     config = AdapterConfig.from_dict(run["settings"]["adapter"])
     if task is not None and config.merge_needs_gates:  # the task's mean routing, fixed for every token
-        model = model.merge_and_unload(gates=run_gates(config, folder, task, "generate")).eval()
+        gates = run_gates(config, folder, task, "generate", model.targeted_module_names)
+        model = model.merge_and_unload(gates=gates).eval()
     job = recorded_job(run)
     job.max_new_tokens = max_new_tokens
     return Generator(model, job_objective("sft", tokenizer, run["tasks"], job), [])

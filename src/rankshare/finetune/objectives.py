@@ -218,8 +218,8 @@ class TextToLabel(Objective):
             chunk_examples = [examples[i] for i, _ in chunk]
             log_likelihoods = self._token_log_likelihoods(model, inputs, chunk_examples)
             scores[start : start + len(chunk)] = log_likelihoods.sum(-1).cpu()
-            if progress:
-                progress(len({i for i, _ in chunk}))
+            if progress:  # examples whose last candidate was scored here (an example's pairs may span two chunks)
+                progress(sum(k == len(self.tasks[examples[i].task]) - 1 for i, k in chunk))
         best = likeliest(pairs, scores.tolist())
         labels, predictions = defaultdict(list), defaultdict(list)
         for i, example in enumerate(examples):

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -17,6 +20,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedTokenizerFast,
 )
 
 import rankshare as rs
@@ -134,3 +138,48 @@ def tiny_llama(tmp_path_factory) -> Path:
     tokenizer.eos_token = "[SEP]"
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# Chat templates whose assistant turn ends with a token other than the end of sequence (<|endoftext|>).
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3 = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+          "{{ m['content'] }}<|eot_id|>{% endfor %}"
+          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+TEMPLATE_TOKENS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|eot_id|>"]
+
+
+def word_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """A tokenizer of a few words split at whitespace; ``<|endoftext|>`` ends a sequence and pads, and the tokens
+    of the ChatML and Llama-3 templates are special."""
+    words = ["<|endoftext|>", "[UNK]", *TEMPLATE_TOKENS, "user", "assistant", "what", "is", "two", "plus", "four",
+             "stop", "more"]
+    backend = Tokenizer(WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                        unk_token="[UNK]", extra_special_tokens=TEMPLATE_TOKENS)
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def bigram_llama(tokenizer, successors: dict[str, str], otherwise: str) -> LlamaForCausalLM:
+    """A one-layer LLaMA whose likeliest next token depends on the last token alone: ``successors[token]``, else
+    ``otherwise``. Its embeddings are one-hot and reach the head unchanged (the attention's and the MLP's output
+    projections are zero), and the head maps each token's direction to its successor alone. Its generation config
+    names the tokenizer's end of sequence, as a model's config usually does."""
+    vocab = len(tokenizer)
+    width = vocab + vocab % 2  # one head, of an even width for the rotary embedding
+    config = LlamaConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=1, num_attention_heads=1,
+                         num_key_value_heads=1, intermediate_size=8, max_position_embeddings=64, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).eval()
+    head = torch.zeros(vocab, width)
+    for token, name in enumerate(tokenizer.convert_ids_to_tokens(list(range(vocab)))):
+        head[tokenizer.convert_tokens_to_ids(successors.get(name, otherwise)), token] = 1
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab, width))
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+        model.lm_head.weight.copy_(head)
+    return model

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import rankshare as rs
+from conftest import bigram_llama, word_tokenizer
 from rankshare.bench import bench_setup, parameter_scaling, run_bench, run_sft_bench
 from rankshare.bench.report import markdown
 from rankshare.bench.setups import causal_setup, ours, peft_lora, synthetic_setup
-from rankshare.bench.sft import RELATIVE_UPDATE, adapter_updates, randomise_updates
+from rankshare.bench.sft import RELATIVE_UPDATE, adapter_updates, generate_tokens, randomise_updates
 from rankshare.errors import RankshareError
 
 
@@ -111,6 +112,17 @@ def sft_run(tiny_llama, tmp_path_factory) -> tuple:
     finally:
         torch.set_num_threads(threads)
     return out, bench
+
+
+def test_generation_holds_back_every_end_token_until_it_has_its_tokens():
+    chatml = word_tokenizer()  # its eos is <|endoftext|>; the template closes a turn with <|im_end|>
+    model = bigram_llama(chatml, {"assistant": "four", "four": "<|im_end|>"}, otherwise="more")
+    prompt = chatml.apply_chat_template([{"role": "user", "content": "what is two plus two"}], tokenize=False,
+                                        add_generation_prompt=True)
+    tokens = generate_tokens(model, chatml(prompt, add_special_tokens=False, return_tensors="pt"), chatml, 4)
+    generated = chatml.convert_ids_to_tokens(tokens[0])
+    assert len(generated) == 4 and generated[0] == "four"
+    assert not {"<|im_end|>", "<|endoftext|>"} & set(generated)
 
 
 def test_sft_section_times_every_variant(sft_run):

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
 import rankshare as rs
-from conftest import randomise_adapters
+from conftest import LLAMA3, bigram_llama, randomise_adapters, word_tokenizer
 from rankshare.cli import main
 from rankshare.errors import RankshareError
 from rankshare.finetune.data import DataSplits, Instruction, load_data
-from rankshare.finetune.objectives import IGNORE, InstructionTuning, normalised
+from rankshare.finetune.objectives import IGNORE, InstructionTuning, end_token_ids, normalised
 
 # A template in the usual form: each turn between role markers, the answer's turn closed by the eos token.
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
@@ -121,6 +122,63 @@ def test_batched_greedy_generation_with_left_padding_equals_one_prompt_at_a_time
 def test_exact_match_ignores_case_and_spacing():
     assert normalised("  The  Answer\n") == normalised("the answer")
     assert normalised("4 2") != normalised("42")
+
+
+# --- the end of an answer ----------------------------------------------------------------------------------
+
+
+def with_eos(eos_token_id) -> SimpleNamespace:
+    """A model as ``end_token_ids`` reads it (its generation config), whose own end tokens are ``eos_token_id``."""
+    return SimpleNamespace(generation_config=GenerationConfig(eos_token_id=eos_token_id))
+
+
+def test_the_end_tokens_are_the_models_then_the_tokenizers_then_the_templates_end_of_turn(tokenizer, chat_tokenizer):
+    chatml = word_tokenizer()
+    eos, im_end, stop = (chatml.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "stop"))
+    assert end_token_ids(chatml, with_eos(None)) == [eos, im_end]
+    assert end_token_ids(chatml, with_eos(eos)) == [eos, im_end]
+    assert end_token_ids(chatml, with_eos([im_end, stop])) == [im_end, stop, eos]
+    # Llama-3 closes a turn with <|eot_id|>, after a header of special tokens: the first one after the answer.
+    assert end_token_ids(word_tokenizer(LLAMA3), with_eos(None)) == [eos, chatml.convert_tokens_to_ids("<|eot_id|>")]
+    assert end_token_ids(word_tokenizer(chat_template=None), with_eos(None)) == [eos]
+    sep = tokenizer.convert_tokens_to_ids("[SEP]")  # the tiny LLaMA's eos, which closes its template's turns too
+    assert end_token_ids(chat_tokenizer, with_eos(None)) == end_token_ids(tokenizer, with_eos(sep)) == [sep]
+
+
+@pytest.fixture
+def generated_lengths(monkeypatch) -> list[int]:
+    """How many tokens each call of a LLaMA's ``generate`` adds to its prompts."""
+    lengths, original = [], LlamaForCausalLM.generate
+
+    def recording(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        lengths.append(output.shape[1] - kwargs["input_ids"].shape[1])
+        return output
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", recording)
+    return lengths
+
+
+def test_evaluation_stops_at_the_templates_end_of_turn_and_scores_the_answer(generated_lengths):
+    chatml = word_tokenizer()  # its eos is <|endoftext|>; the template closes a turn with <|im_end|>
+    model = bigram_llama(chatml, {"assistant": "four", "four": "<|im_end|>"}, otherwise="more")
+    objective = InstructionTuning(chatml, {"t": []}, max_length=32, max_new_tokens=6)
+    assert objective.chat
+    tally = objective.tally(model, [Instruction.of("what is two plus two", "four", "t")], 4, "cpu")
+    result = objective.summarize([tally])["t"]
+    assert result["samples"][0]["answer"] == "four" and result["exact_match"] == 1.0
+    assert generated_lengths == [2]  # four, <|im_end|>; not max_new_tokens
+
+
+def test_an_answer_ends_at_its_first_end_token_though_the_tokenizer_would_print_it(generated_lengths):
+    chatml = word_tokenizer()
+    # The model's own end token is a word that decoding keeps, unlike the special tokens it skips.
+    model = bigram_llama(chatml, {"two": "four", "four": "stop", "plus": "more"}, otherwise="more")
+    model.generation_config.eos_token_id = [chatml.convert_tokens_to_ids("stop")]
+    objective = InstructionTuning(chatml, {"t": []}, max_length=32, max_new_tokens=4, layout="plain")
+    contexts = [(("user", "what is two plus two"),), (("user", "what is two plus"),)]
+    assert objective.generate(model, contexts, "cpu") == ["four", "more more more more"]
+    assert generated_lengths == [4]
 
 
 # --- instruction files --------------------------------------------------------------------------------------
@@ -241,6 +299,66 @@ def test_a_merged_sft_run_answers_as_the_run_with_that_tasks_gates(sft_run, tmp_
     assert answers[0] == answers[1] and answers[0].strip()
     assert main(["generate", "--adapter", str(merged), "--task", "add", "--prompt", "hi"]) == 2
     assert "merged model folder" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    """Two runs on one base whose tokenizer has a chat template: ``plain`` laid out without it (up to 128 tokens),
+    ``chat`` with it, cut to 10 tokens."""
+    folder = tmp_path_factory.mktemp("layouts")
+    base = folder / "base"
+    LlamaForCausalLM.from_pretrained(tiny_llama).save_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(base)
+    data = write_jsonl(folder / "rows.jsonl", addition_rows())
+    runs = {}
+    for layout, length in (("plain", "128"), ("chat", "10")):
+        runs[layout] = folder / layout
+        assert main(["train", "--model", str(base), "--data", str(data), "--method", "lotr", "--rank", "4",
+                     "--max-steps", "2", "--batch-size", "8", "--max-new-tokens", "2", "--prompt-layout", layout,
+                     "--max-length", length, "--quiet", "--out", str(runs[layout])]) == 0
+    return runs
+
+
+@pytest.fixture
+def prompts_seen(monkeypatch) -> list[list[int]]:
+    """The prompt of every row an adapted model generates from, without its padding."""
+    seen, original = [], rs.AdaptedModel.generate
+
+    def recording(self, *args, **kwargs):
+        for row, mask in zip(kwargs["input_ids"].tolist(), kwargs["attention_mask"].tolist()):
+            seen.append([token for token, kept in zip(row, mask) if kept])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(rs.AdaptedModel, "generate", recording)
+    return seen
+
+
+def test_generate_with_several_runs_lays_out_and_cuts_each_prompt_as_its_own_run(layout_runs, chat_tokenizer,
+                                                                                  prompts_seen, tmp_path, capsys):
+    question = "what is 3 plus 4 if you add them together"
+    plain = ids(chat_tokenizer, question + "\n")
+    chat = ids(chat_tokenizer, f"<user> {question} [SEP] <assistant> ")[-9:]  # max_length 10 leaves 9 to a prompt
+    assert len(plain) > 9  # so that the chat run's length would cut the plain prompt too
+    adapters = [arg for name, run in layout_runs.items() for arg in ("--adapter", f"{name}={run}")]
+    rows = write_jsonl(tmp_path / "ask.jsonl", [{"prompt": question, "task": "chat"},
+                                                {"prompt": question, "task": "plain"}])
+    out = tmp_path / "answers.jsonl"
+    assert main(["generate", *adapters, "--data", str(rows), "--out", str(out), "--task-column", "task",
+                 "--max-new-tokens", "3", "--quiet"]) == 0
+    assert prompts_seen == [chat, plain]
+    mixed = {row["task"]: row["answer"] for row in map(json.loads, out.read_text().splitlines())}
+    # Each answer is its run's alone, and --task chooses the layout with the adapter.
+    prompts_seen.clear()
+    capsys.readouterr()
+    asked = ["--prompt", question, "--max-new-tokens", "3"]
+    for name in ("chat", "plain"):
+        assert main(["generate", "--adapter", str(layout_runs[name]), *asked]) == 0
+        alone = capsys.readouterr().out
+        assert main(["generate", *adapters, "--task", name, *asked]) == 0
+        assert capsys.readouterr().out == alone and alone.strip() == mixed[name].strip()
+    assert prompts_seen == [chat, chat, plain, plain]
 
 
 def test_predict_answers_each_row_with_its_tasks_sft_adapter(sft_run, tmp_path, capsys):

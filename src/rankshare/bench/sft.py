@@ -21,7 +21,7 @@ import torch
 import rankshare as rs
 
 from ..finetune.data import Instruction, load_data
-from ..finetune.objectives import IGNORE, InstructionTuning
+from ..finetune.objectives import IGNORE, InstructionTuning, end_token_ids
 from ..layer import dense_weight
 from .measure import interleaved_times, lm_loss, merged_copy, train_step
 from .setups import Setup, Variant, ours, peft_lora
@@ -43,9 +43,11 @@ def skills_batch(setup: Setup, seed: int = 0) -> tuple[InstructionTuning, list[I
 
 @torch.no_grad()
 def generate_tokens(model, prompts: dict, tokenizer, new_tokens: int) -> torch.Tensor:
-    """Greedy generation of exactly ``new_tokens`` tokens per prompt (B, new_tokens), KV cache on."""
+    """Greedy generation of exactly ``new_tokens`` tokens per prompt (B, new_tokens), KV cache on: every token that
+    could end the answer is held back until then."""
     output = model.generate(**prompts, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                            use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                            use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=end_token_ids(tokenizer, model))
     return output[:, prompts["input_ids"].shape[1]:]
 
 

@@ -31,15 +31,28 @@ from .trained import load_trained
 
 @dataclass
 class Generator:
-    """A model ready to answer, the objective that lays out its prompts, and the adapter names it holds."""
+    """A model ready to answer, and the objectives that lay out its prompts: one for every prompt, or each
+    adapter's own run's (its prompt layout and max length) for the prompts that name that adapter."""
 
     model: torch.nn.Module
-    objective: InstructionTuning
-    adapters: list[str]  # several: each prompt names its own; empty: one model answers every prompt
+    objectives: dict[str | None, InstructionTuning]  # adapter name -> its run's; None -> the one for every prompt
+
+    @property
+    def adapters(self) -> list[str]:
+        """Several: each prompt names its own; empty: one model answers every prompt."""
+        return [name for name in self.objectives if name is not None]
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def answer(self, contexts: list[tuple[tuple[str, str], ...]], names: list[str | None], options: dict) -> list[str]:
+        """Each conversation's answer by the adapter ``names`` gives it (None: the one model), its prompt laid out
+        by that adapter's objective; the answers are generated in one batch."""
+        prompts = [self.objectives[name].prompt_ids(context) for context, name in zip(contexts, names)]
+        mixed = {"adapter_names": names} if self.adapters else {}
+        # The runs share one tokenizer (one base model) and max_new_tokens, so any of their objectives generates.
+        return self.objectives[names[0]].answer(self.model, prompts, self.device, **mixed, **options)
 
 
 def load_generator(adapters: list[tuple[str | None, Path]], task: str | None, device: str = "auto",
@@ -54,7 +67,7 @@ def load_generator(adapters: list[tuple[str | None, Path]], task: str | None, de
         tokenizer = load_tokenizer(source)
         model = load_causal_lm(source).to(pick_device(device)).eval()
         length = getattr(model.config, "max_position_embeddings", None) or 2048
-        return Generator(model, InstructionTuning(tokenizer, {}, length, max_new_tokens), [])
+        return Generator(model, {None: InstructionTuning(tokenizer, {}, length, max_new_tokens)})
     if len(adapters) == 1:
         return _one_run(adapters[0][1], task, device, max_new_tokens)
     return _several_runs(adapters, task, device, max_new_tokens)
@@ -73,9 +86,7 @@ def _one_run(directory: Path, task: str | None, device: str, max_new_tokens: int
     if task is not None and config.merge_needs_gates:  # the task's mean routing, fixed for every token
         gates = run_gates(config, folder, task, "generate", model.targeted_module_names)
         model = model.merge_and_unload(gates=gates).eval()
-    job = recorded_job(run)
-    job.max_new_tokens = max_new_tokens
-    return Generator(model, job_objective("sft", tokenizer, run["tasks"], job), [])
+    return Generator(model, {None: _run_objective(run, tokenizer, max_new_tokens)})
 
 
 def _several_runs(adapters: list[tuple[str | None, Path]], task: str | None, device: str,
@@ -90,14 +101,19 @@ def _several_runs(adapters: list[tuple[str | None, Path]], task: str | None, dev
     source = shared_base(routes)
     check_bases(routes)
     model = load_model_with(routes).to(pick_device(device)).eval()
-    first = next(iter(routes.values()))
-    job = recorded_job(first.run)
-    job.max_new_tokens = max_new_tokens
-    objective = job_objective("sft", load_tokenizer(source), first.run["tasks"], job)
+    tokenizer = load_tokenizer(source)
+    objectives = {name: _run_objective(route.run, tokenizer, max_new_tokens) for name, route in routes.items()}
     if task is not None:
         model.set_adapter(task)
-        return Generator(model, objective, [])
-    return Generator(model, objective, list(routes))
+        return Generator(model, {None: objectives[task]})
+    return Generator(model, objectives)
+
+
+def _run_objective(run: dict, tokenizer, max_new_tokens: int) -> InstructionTuning:
+    """The objective the run was evaluated with (its prompt layout and max length), generating ``max_new_tokens``."""
+    job = recorded_job(run)
+    job.max_new_tokens = max_new_tokens
+    return job_objective("sft", tokenizer, run["tasks"], job)
 
 
 def _check_kind(run: dict, directory: Path) -> None:
@@ -123,11 +139,9 @@ def stream(generator: Generator, prompt: str, options: dict) -> str:
     if generator.adapters:
         raise RankshareError(f"Several adapters are loaded ({', '.join(generator.adapters)}); choose the one that "
                              "answers with --task NAME.")
-    tokenizer = generator.objective.tokenizer
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = TextStreamer(generator.objectives[None].tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
-        return generator.objective.generate(generator.model, [(("user", prompt),)], generator.device,
-                                            streamer=streamer, **options)[0]
+        return generator.answer([(("user", prompt),)], [None], {"streamer": streamer, **options})[0]
 
 
 def answer_file(generator: Generator, data: Path, out: Path, columns: InstructionColumns, options: dict,
@@ -148,9 +162,8 @@ def answer_file(generator: Generator, data: Path, out: Path, columns: Instructio
     with progress(len(rows), "generate", "rows", quiet) as bar, torch.no_grad():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            mixed = {"adapter_names": [task for _, task in chunk]} if generator.adapters else {}
-            answers += generator.objective.generate(generator.model, [context for context, _ in chunk],
-                                                    generator.device, **mixed, **options)
+            names = [task if generator.adapters else None for _, task in chunk]
+            answers += generator.answer([context for context, _ in chunk], names, options)
             bar.update(len(chunk))
     lines = [json.dumps({"task": task, "prompt": "\n".join(c for _, c in context), "answer": answer})
              for (context, task), answer in zip(rows, answers)]

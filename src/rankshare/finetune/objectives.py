@@ -46,8 +46,8 @@ def padded(rows: list[list[int]], pad_token_id: int, device) -> dict[str, torch.
 
 
 def left_padded(rows: list[list[int]], pad_token_id: int, device) -> dict[str, torch.Tensor]:
-    """Token rows padded on the left, so that every row's continuation follows its own last token: ``input_ids``
-    and ``attention_mask``, (B, longest row)."""
+    """Token rows padded on the left, so that every row continues from its own last token: ``input_ids`` and
+    ``attention_mask``, (B, longest row)."""
     width = max(map(len, rows))
     return {"input_ids": torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows], device=device),
             "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)}
@@ -268,6 +268,40 @@ class LanguageModelling(Objective):
         return result
 
 
+# The answer of the conversation that turn_end_id renders: text that no template writes after an answer.
+_PROBE_ANSWER = "rankshare-probe"
+
+
+def end_token_ids(tokenizer, model) -> list[int]:
+    """The tokens that end an answer, each once, in this order: the model's own (``generation_config.eos_token_id``,
+    one or a list), the tokenizer's end of sequence, and the token that closes the assistant's turn in the chat
+    template. Passing one of them to ``generate`` as ``eos_token_id`` would replace the others, and a model that
+    closes its turn with ``<|im_end|>`` or ``<|eot_id|>`` would then write until ``max_new_tokens``."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [*([own] if isinstance(own, int) else own or []), tokenizer.eos_token_id, turn_end_id(tokenizer)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def turn_end_id(tokenizer) -> int | None:
+    """The special token that closes an assistant turn in the tokenizer's chat template; None without a template,
+    or where the template closes a turn with plain text alone.
+
+    The template is asked rather than searched for known names (``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``): a one-turn conversation is rendered with a probe answer, and the first special token in
+    what follows the answer is the one the model was trained to write after its answer. Tokens before the answer
+    (role headers such as ``<|start_header_id|>``) are not looked at, and a template that adds a system turn or a
+    beginning of sequence changes nothing after the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_ANSWER}]
+    whole = tokenizer.apply_chat_template(turns, tokenize=False)
+    if _PROBE_ANSWER not in whole:  # a template that leaves out or rewrites the answer shows no end of its turn
+        return None
+    after = whole[whole.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER):]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special), None)
+
+
 def normalised(text: str) -> str:
     """An answer as exact match compares it: whitespace collapsed and trimmed, lower case."""
     return " ".join(text.split()).lower()
@@ -282,7 +316,7 @@ class InstructionTuning(Objective):
     response's tokens carry loss. A prompt too long for ``max_length`` loses tokens from its left, so that the
     response stays whole; an example whose response alone does not fit is left out (``fit_splits`` counts both).
 
-    Evaluation generates greedily (KV cache, left padding) up to ``max_new_tokens`` or the end of the turn and
+    Evaluation generates greedily (KV cache, left padding) up to ``max_new_tokens`` or an ``end_token_ids`` token, and
     scores exact match of the answer after ``normalised`` (whitespace collapsed, lower case), and the
     response's mean token loss; the first ``SAMPLES`` examples of each task keep their generation.
     """
@@ -366,15 +400,22 @@ class InstructionTuning(Objective):
     def generate(self, model, contexts: list[tuple[tuple[str, str], ...]], device, **options) -> list[str]:
         """Each conversation's answer, generated from its prompt: greedy unless ``options`` say otherwise (they go
         to ``model.generate``: ``do_sample``, ``temperature``, ``adapter_names``, ``streamer``, ...)."""
-        return self.continue_batch(model, self.prompt_batch(contexts, device), **options)
+        return self.answer(model, [self.prompt_ids(context) for context in contexts], device, **options)
 
-    def continue_batch(self, model, prompts: dict[str, torch.Tensor], **options) -> list[str]:
-        """Each row's answer to a batch of prompts already laid out and padded on the left (``left_padded``), as
-        ``generate`` answers them."""
+    def answer(self, model, prompts: list[list[int]], device, **options) -> list[str]:
+        """``generate`` from prompts already laid out as token ids (by this objective or another of the same
+        tokenizer). Generation stops at any of ``end_token_ids``, and each answer is cut at the first of them:
+        decoding skips special tokens only, and a model's own end token need not be one."""
+        ends = end_token_ids(self.tokenizer, model)
+        inputs = left_padded(prompts, self.tokenizer.pad_token_id, device)
         options = {"do_sample": False, **options}
-        output = model.generate(**prompts, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                eos_token_id=self.tokenizer.eos_token_id, **options)
-        return self.tokenizer.batch_decode(output[:, prompts["input_ids"].shape[1]:], skip_special_tokens=True)
+        output = model.generate(**inputs, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                eos_token_id=ends, **options)
+        answers = []
+        for row in output[:, inputs["input_ids"].shape[1]:].tolist():
+            cut = next((i for i, token in enumerate(row) if token in ends), len(row))
+            answers.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
+        return answers
 
     def prompt_batch(self, contexts: list[tuple[tuple[str, str], ...]], device) -> dict[str, torch.Tensor]:
         """The prompts padded on the left, so that every row's answer continues from its own last token."""

@@ -28,7 +28,7 @@ from .data_files import read_rows
 from .distributed import pick_device
 from .jobs import job_objective, recorded_job
 from .models import load_tokenizer, resolve_model
-from .objectives import InstructionTuning, left_padded, likeliest, padded, token_log_likelihoods
+from .objectives import InstructionTuning, likeliest, padded, token_log_likelihoods
 from .progress import progress
 from .run_folder import load_run
 from .trained import load_basis, run_base
@@ -275,6 +275,5 @@ def _likeliest_labels(model, batch: list[Route], prompts, objectives, device) ->
 
 def _generate(model, batch: list[Route], prompts, generator: InstructionTuning, device) -> list[str]:
     """Greedy continuations, each by its row's adapter."""
-    answers = generator.continue_batch(model, left_padded(prompts, generator.tokenizer.pad_token_id, device),
-                                       adapter_names=[r.name for r in batch])
+    answers = generator.answer(model, prompts, device, adapter_names=[r.name for r in batch])
     return [answer.strip() for answer in answers]

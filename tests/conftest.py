@@ -158,7 +158,8 @@ def word_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFas
     backend = Tokenizer(WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
     backend.pre_tokenizer = WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                        unk_token="[UNK]", extra_special_tokens=TEMPLATE_TOKENS)
+                                        unk_token="[UNK]", model_input_names=["input_ids", "attention_mask"])
+    tokenizer.add_tokens(TEMPLATE_TOKENS, special_tokens=True)  # in the vocabulary already: marked special
     tokenizer.chat_template = chat_template
     return tokenizer
 

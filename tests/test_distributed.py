@@ -32,10 +32,13 @@ CASES = [(wrapper, method) for wrapper in ("ddp", "fsdp") for method in ("lotr",
 
 def adapted_bert(method: str) -> rs.AdaptedModel:
     base = base_model(BERT)
-    # Dropout masks drawn per process could never match the single process's.
+    # Dropout masks drawn per process could never match the single process's. transformers 4.x's BERT attention
+    # keeps its own rate (dropout_prob) beside its nn.Dropout.
     for module in base.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        if hasattr(module, "dropout_prob"):
+            module.dropout_prob = 0.0
     torch.manual_seed(1)
     model = rs.adapt(base, METHODS[method](TARGETS), modules_to_save=BERT.modules_to_save)
     # Away from the init, where LoTR's cores are zero and so are the gradients of U and V.

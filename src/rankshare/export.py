@@ -72,8 +72,8 @@ def export_peft(model: AdaptedModel, directory: str | Path, gates: Gates | None 
             raise RankshareError(f"Tensor {key!r} holds NaN or inf, so nothing was exported; the adapter has "
                                  "diverged.")
     rank = Counter(ranks.values()).most_common(1)[0][0]  # one rank per method (r, or N r), or the usual one
-    # Other ranks by full module name, anchored: PEFT matches a pattern key against the end of a module's name.
-    others = {f"^{re.escape(module)}$": r for module, r in ranks.items() if r != rank}
+    # Other ranks by full module name: PEFT (>= 0.15) matches a pattern key against the end of a module's name.
+    others = {re.escape(module): r for module, r in ranks.items() if r != rank}
     lora = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=sorted(ranks),
                            rank_pattern=others, alpha_pattern=others,
                            fan_in_fan_out=layouts == {True}, modules_to_save=model.modules_to_save_of(name) or None)

@@ -194,19 +194,14 @@ class SavedModule(nn.Module):
         if self.rows is None:
             return self._call(self.current(), x, *args, **kwargs)
         groups = self.rows.groups(x.shape[0], x.device)
-        count = x.shape[0]
-
-        def call(module: nn.Module, rows: torch.Tensor):
-            def pick(value):
-                return value[rows] if isinstance(value, torch.Tensor) and value.dim() and len(value) == count else value
-            return self._call(module, x[rows], *map(pick, args), **{k: pick(v) for k, v in kwargs.items()})
-
-        parts = [(rows, call(self.copies[name], rows)) for name, rows in groups.items() if name in self.copies]
+        parts = [(rows, self._call_rows(self.copies[name], rows, x, args, kwargs)) for name, rows in groups.items()
+                 if name in self.copies]
         covered = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for rows, _ in parts:
             covered[rows] = True
         if not covered.all():
-            parts.append((rest := (~covered).nonzero().squeeze(1), call(self.original, rest)))
+            rest = (~covered).nonzero().squeeze(1)
+            parts.append((rest, self._call_rows(self.original, rest, x, args, kwargs)))
         width = max(part.shape[-1] for _, part in parts)
         first = parts[0][1]
         out = first.new_full((x.shape[0], *first.shape[1:-1], width), -torch.inf)
@@ -214,18 +209,26 @@ class SavedModule(nn.Module):
             out[rows, ..., : part.shape[-1]] = part
         return out
 
+    def _call_rows(self, module: nn.Module, rows: torch.Tensor, x: torch.Tensor, args: tuple, kwargs: dict):
+        """``module`` on ``rows`` of ``x`` and of every argument with one row per example."""
+        def pick(value):
+            return value[rows] if isinstance(value, torch.Tensor) and value.dim() and len(value) == len(x) else value
+
+        return self._call(module, x[rows], *map(pick, args), **{k: pick(v) for k, v in kwargs.items()})
+
     def _call(self, module: nn.Module, *args, **kwargs):
         """``module(*args, **kwargs)`` in the module's own floating dtype, returned in the original's."""
         own, wanted = _floating_dtype(module), _floating_dtype(self.original)
         if own is None or wanted is None or own == wanted:
             return module(*args, **kwargs)
-
-        def cast(value, dtype):
-            return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-
-        out = module(*(cast(a, own) for a in args), **{k: cast(v, own) for k, v in kwargs.items()})
-        return cast(out, wanted)
+        out = module(*(_cast(a, own) for a in args), **{k: _cast(v, own) for k, v in kwargs.items()})
+        return _cast(out, wanted)
 
 
 def _floating_dtype(module: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _cast(value, dtype: torch.dtype):
+    """A floating tensor in ``dtype``; anything else as it is."""
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value

@@ -420,18 +420,17 @@ class AdaptedModel(AdapterFiles, nn.Module):
                         host.merged_weight(name, per_layer[module], safe=True)
                     except RankshareError as error:
                         raise RankshareError(f"Adapter layer {module!r}: {error} No weight was changed.") from None
-        self._untie([module for module, host in hosts.items() if host.merged is None])
+        self._untie({module: host for module, host in hosts.items() if host.merged is None})
         for module, host in hosts.items():
             host.merge(per_layer[module])
 
-    def _untie(self, modules: list[str]) -> None:
-        """Give each of ``modules`` a base weight of its own where it shares one with another module."""
+    def _untie(self, hosts: dict[str, AdaptedLinear]) -> None:
+        """Give each of ``hosts``' base layers a weight of its own where it shares one with another module."""
         holders: dict[int, list[str]] = {}
         for pname, parameter in self.base_model.named_parameters(remove_duplicate=False):
             holders.setdefault(id(parameter), []).append(pname.removesuffix(".weight"))
-        hosts = self._hosts()
-        for module in modules:
-            layer = hosts[module].base_layer
+        for module, host in hosts.items():
+            layer = host.base_layer
             others = [n for n in holders.get(id(layer.weight), []) if n != f"{module}.base_layer"]
             if not others:
                 continue
@@ -456,9 +455,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
             self._merge(gates, safe)
         slots = self._saved()
         for name in self.modules_to_save:  # trained in float32; the merged model is all of the base's dtype
-            dtype = next((p.dtype for p in slots[name].original.parameters() if p.is_floating_point()), None)
-            copy = slots[name].copies[self._active]
-            slots[name].original = copy if dtype is None else copy.to(dtype)
+            slots[name].original = slots[name].copy_as_original(self._active)
         return self.unload()
 
     def unload(self) -> nn.Module:

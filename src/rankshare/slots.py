@@ -178,6 +178,11 @@ class SavedModule(nn.Module):
         self.copies[name] = copy.deepcopy(self.original).to(torch.float32)  # floating tensors only
         return self.copies[name]
 
+    def copy_as_original(self, name: str) -> nn.Module:
+        """Adapter ``name``'s copy, cast (in place) to the original's floating dtype: for a merged model."""
+        dtype = _floating_dtype(self.original)
+        return self.copies[name] if dtype is None else self.copies[name].to(dtype)
+
     def __getattr__(self, name: str):
         # Code that reads e.g. ``model.score.weight`` finds the module in use.
         try:

@@ -12,7 +12,7 @@ from rankshare.finetune.metrics import classification_metrics
 
 
 def test_perfect_predictions():
-    perfect = {"accuracy": 1.0, "macro_f1": 1.0, "examples": 4}
+    perfect = {"accuracy": 1.0, "macro_f1": 1.0, "examples": 4, "predicted": [1, 2, 1]}
     assert classification_metrics([0, 1, 2, 1], [0, 1, 2, 1], num_classes=3) == perfect
 
 
@@ -24,6 +24,7 @@ def test_hand_computed_case():
     assert result["examples"] == 4
     assert result["accuracy"] == pytest.approx(3 / 4)
     assert result["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    assert result["predicted"] == [1, 2, 1]
 
 
 def test_classes_absent_from_labels_and_predictions_are_not_averaged():
@@ -42,7 +43,7 @@ def test_a_class_only_predicted_counts_with_f1_zero():
 
 def test_accepts_tensors_and_returns_plain_python_numbers():
     result = classification_metrics(torch.tensor([1, 0, 1]), torch.tensor([[1], [1], [1]]), num_classes=2)
-    assert result == pytest.approx({"accuracy": 2 / 3, "macro_f1": (0 + 0.8) / 2, "examples": 3})
+    assert result == pytest.approx({"accuracy": 2 / 3, "macro_f1": (0 + 0.8) / 2, "examples": 3, "predicted": [0, 3]})
     assert type(result["accuracy"]) is float and type(result["macro_f1"]) is float and type(result["examples"]) is int
 
 

@@ -17,7 +17,8 @@ from ..errors import RankshareError
 
 
 def classification_metrics(labels: Sequence[int], predictions: Sequence[int], num_classes: int) -> dict:
-    """``{"accuracy": float, "macro_f1": float, "examples": int}`` for class indices in ``[0, num_classes)``."""
+    """``{"accuracy": float, "macro_f1": float, "examples": int, "predicted": [int]}`` for class indices in
+    ``[0, num_classes)``; ``predicted`` counts the predictions of each class (how one-sided a classifier is)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise RankshareError(f"num_classes must be an integer >= 1, got {num_classes!r}.")
     labels = torch.as_tensor(labels, dtype=torch.long).flatten().cpu()
@@ -42,4 +43,5 @@ def classification_metrics(labels: Sequence[int], predictions: Sequence[int], nu
         "accuracy": hits.sum().item() / labels.numel(),
         "macro_f1": f1.mean().item(),
         "examples": labels.numel(),
+        "predicted": confusion.sum(dim=0).tolist(),
     }

@@ -68,10 +68,11 @@ class Workspace:
 
 
 def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | None = None,
-        splits: tuple[str, ...] = ("validation", "test")):
+        splits: tuple[str, ...] = ("validation", "test"), prepare=None):
     """Train one adapter (resuming from a checkpoint in ``folder``) and evaluate it on ``splits``.
 
-    Returns the trained model and its record (the record is empty if ``stop_after`` ended training early).
+    ``prepare(base, heads)``, if given, returns the model to train in place of an adapter on ``base`` (a baseline
+    such as full fine-tuning). Returns the trained model and its record (empty if ``stop_after`` ended training early).
     """
     job = space.job
     if distributed.is_main():
@@ -79,7 +80,7 @@ def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | No
     base = space.fresh_base()
     heads = head_modules(base) if space.kind == "classify" else []
     basis = load_run(Path(job.basis), "--basis")[1] / "adapter" if job.basis else None
-    model = attach_adapter(base, settings, heads, basis).to(space.device)
+    model = (prepare(base, heads) if prepare else attach_adapter(base, settings, heads, basis)).to(space.device)
     run = {"job": asdict(job), "settings": asdict(settings), "kind": space.kind, "tasks": space.splits.tasks,
            "heads": heads}
     if basis is not None:  # what load_trained needs to rebuild the model: the run whose factors it uses

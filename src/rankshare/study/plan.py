@@ -23,6 +23,8 @@ class Variant:
     search_rank: int | None = None  # where the learning rate is chosen; default: the middle rank
     lr_from: str | None = None  # reuse the rate chosen for another variant of the part
     options: dict = field(default_factory=dict)  # the method's own options (its config's fields)
+    learning_rates: tuple[float, ...] = ()  # its own grid instead of the part's
+    search_seeds: tuple[int, ...] | None = None  # the seeds whose mean validation accuracy chooses its rate
 
 
 @dataclass
@@ -39,6 +41,10 @@ class Part:
     seeds: tuple[int, ...]
     variants: list[Variant]
     merge_seeds: tuple[int, ...] = ()  # runs of these seeds that merge without gates are also evaluated merged
+    steps: int | None = None  # optimisation steps per run (default: one epoch of max_train)
+    search_seeds: tuple[int, ...] = (0,)  # the seeds that choose a rate (the mean of their validation accuracy)
+    search_steps: int | None = None  # shorter rate-search runs, recorded apart in <part>/search/
+    forgetting: bool = False  # record each run's change in language-modelling loss on held-out news articles
 
 
 def lotr_variants(lora: tuple[int, ...], by_name: tuple[int, ...], frozen: tuple[int, ...],
@@ -101,23 +107,77 @@ def full_plan() -> list[Part]:
                        Variant("lotr-by-shape", "LoTR, U and V per shape", "lotr", (32, 96), search_rank=32,
                                options={"share": "by_shape"})],
              **{**minilm, "learning_rates": (3e-3,)}),
+        power_part(),
     ]
+
+
+# The powered study (issue 20). Baselines are variants whose method is one of these: no adapter.
+BASELINES = {"head-only": "only the classification head trains", "full": "every weight trains",
+             "zero-shot": "the base model as it is, no training"}
+POWER_SEEDS = (0, 1, 2, 3, 4)
+POWER_RATES = (1e-3, 3e-3, 1e-2, 3e-2)
+# 92,160 = LoRA r = 10 on MiniLM's query and value projections, where every method lands within 1.4 %: LoTR r = 45,
+# frozen Tucker LoTR r = 88 (its cores alone), MoR N = 4 r = 6 and MoE-LoRA N = 4 r = 2 (exactly).
+POWER_BUDGET = 92_160
+
+
+def power_part() -> Part:
+    """Part 1: every method at every rate and seed at one budget, paired by seed, with the floor and the ceiling.
+
+    480 steps of 16 (4 epochs of 1,920 tweets): docs/results/schedule-pilot shows LoRA within 0.8 validation points of
+    its 960-step score there. The baselines choose their rate on seed 0, then train the other seeds at it.
+    """
+    budget = POWER_BUDGET
+    variants = [
+        Variant("lora", "LoRA (PEFT)", "lora", budget=budget),
+        Variant("lotr", "LoTR, trainable U and V", "lotr", budget=budget, options={"share": "by_name"}),
+        Variant("lotr-frozen", "LoTR, frozen Tucker U and V", "lotr", budget=budget,
+                options={"init": "tucker", "freeze_factors": True}),
+        Variant("mor-n4", "MoR, N=4", "mor", budget=budget, options={"num_experts": 4}),
+        Variant("moelora-n4", "MoE-LoRA, N=4", "moelora", budget=budget, options={"num_experts": 4}),
+        Variant("head-only", "head only (no adapter)", "head-only", learning_rates=(3e-3, 1e-2, 3e-2, 1e-1),
+                search_seeds=(0,)),
+        Variant("full", "full fine-tuning", "full", learning_rates=(1e-5, 3e-5, 1e-4, 3e-4), search_seeds=(0,)),
+    ]
+    return Part("power-minilm-sentiment", "power", model="minilm", data="sentiment", max_train=1920, max_eval=500,
+                max_length=48, batch_size=16, learning_rates=POWER_RATES, seeds=POWER_SEEDS, variants=variants,
+                steps=480, search_seeds=POWER_SEEDS)
 
 
 def quick_plan() -> list[Part]:
     """The same parts and code paths, one seed, one rate, one rank per variant, a few steps."""
     parts = []
     for part in full_plan():
-        variants = [Variant(**{**asdict(v), "ranks": v.ranks[:1], "search_rank": None}) for v in part.variants]
+        variants = [Variant(**{**asdict(v), "ranks": v.ranks[:1], "search_rank": None,
+                               "learning_rates": v.learning_rates[-1:], "search_seeds": None}) for v in part.variants]
         if part.claim == "multi-task":  # the smallest and largest mixtures, each choosing its own rate
             variants = [Variant(**{**asdict(v), "lr_from": None}) for v in variants if not v.name.endswith("-n4")]
         small = part.model == "smollm2"
+        if small and part.claim == "parameter-efficiency":
+            variants = variants[1:3]  # SmolLM2: its two LoTR variants
         parts.append(Part(part.name, part.claim, part.model, part.data, max_train=16 if small else 64,
                           max_eval=12 if small else 40, max_length=part.max_length, batch_size=part.batch_size,
-                          learning_rates=part.learning_rates[-1:], seeds=(0,),
-                          variants=variants[1:3] if small else variants,  # SmolLM2: its two LoTR variants
-                          merge_seeds=(0,)))
+                          learning_rates=part.learning_rates[-1:], seeds=(0,), variants=variants, merge_seeds=(0,),
+                          steps=2 if part.steps else None, search_steps=1 if part.search_steps else None,
+                          forgetting=part.forgetting))
     return parts
+
+
+def part_from_dict(raw: dict) -> Part:
+    """A part as read back from plan.json: lists become tuples again, and fields added since take their defaults."""
+    def tuples(fields: dict) -> dict:
+        return {key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()}
+
+    variants = [Variant(**tuples(variant)) for variant in raw["variants"]]
+    return Part(**tuples({key: value for key, value in raw.items() if key != "variants"}), variants=variants)
+
+
+def rates(part: Part, variant: Variant) -> tuple[float, ...]:
+    return tuple(variant.learning_rates) or tuple(part.learning_rates)
+
+
+def search_seeds(part: Part, variant: Variant) -> tuple[int, ...]:
+    return tuple(part.search_seeds if variant.search_seeds is None else variant.search_seeds)
 
 
 def search_rank(variant: Variant, ranks: list[int]) -> int:

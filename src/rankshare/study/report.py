@@ -18,7 +18,7 @@ from pathlib import Path
 from ..atomic_files import replace_file
 from ..config import method_class, methods
 from ..finetune.report import compact, new_figure, router_figure
-from .plan import Part, Variant
+from .plan import Part, Variant, part_from_dict
 from .runner import PLAN_FILE, SEARCH_FILE
 
 SUMMARY = "summary.md"
@@ -32,12 +32,7 @@ def is_mixture(variant: Variant) -> bool:
 
 
 def load_parts(out: Path) -> list[Part]:
-    raw = json.loads((out / PLAN_FILE).read_text())["parts"]
-    parts = []
-    for part in raw:
-        variants = [Variant(**{**v, "ranks": tuple(v["ranks"])}) for v in part.pop("variants")]
-        parts.append(Part(**{**part, "variants": variants}))
-    return parts
+    return [part_from_dict(part) for part in json.loads((out / PLAN_FILE).read_text())["parts"]]
 
 
 def part_records(out: Path, part: Part) -> list[dict]:

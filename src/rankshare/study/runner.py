@@ -8,9 +8,11 @@ an interrupted study goes on where it stopped. The checkpoint of the run in prog
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +29,8 @@ from ..finetune.models import head_modules
 from ..finetune.run_folder import write_json
 from ..finetune.running import Workspace, fit
 from ..finetune.train import Settings, attach_adapter, versions
-from .plan import Part, Variant, search_rank
+from .forgetting import forgetting
+from .plan import BASELINES, Part, Variant, part_from_dict, rates, search_rank, search_seeds
 
 PLAN_FILE = "plan.json"
 SEARCH_FILE = "search.json"
@@ -50,20 +53,24 @@ def run_study(parts: list[Part], names: list[str], out: Path, quiet: bool, say) 
 def prepare(parts: list[Part], out: Path) -> None:
     """Refuse a folder that holds runs of other settings; record the plan and the machine otherwise.
 
-    A plan may add parts to a study already run: the finished parts are kept.
+    A plan may add parts to a study already run, and change the parts that have not started: the started ones
+    must be as they were recorded.
     """
     if out.exists() and not out.is_dir():
         raise RankshareError(f"--out {out} is a file; choose a folder.")
-    plan = json.loads(json.dumps([asdict(part) for part in parts]))  # tuples as lists, as they are read back
+    plan = [plain(part) for part in parts]
     recorded = out / PLAN_FILE
     if recorded.is_file():
         before = json.loads(recorded.read_text())
         current = {part["name"]: part for part in plan}
-        if any(current.get(part["name"]) != part for part in before["parts"]):
+        started = [part for part in before["parts"] if (out / part["name"]).is_dir()]
+        if any(current.get(part["name"], plain(part_from_dict(part))) != plain(part_from_dict(part))
+               for part in started):
             raise RankshareError(f"--out {out} holds the runs of another study plan; choose another folder "
                                  "(or delete it to start again).")
-        if len(plan) > len(before["parts"]):
-            write_json(recorded, {**before, "parts": plan})
+        names = [part["name"] for part in before["parts"]]
+        parts_now = [current.get(part["name"], part) for part in before["parts"]]
+        write_json(recorded, {**before, "parts": parts_now + [p for p in plan if p["name"] not in names]})
         return
     if out.exists() and any(out.iterdir()):
         raise RankshareError(f"--out {out} already holds other files; choose an empty or new folder.")
@@ -83,28 +90,43 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
     folder = out / part.name
     folder.mkdir(parents=True, exist_ok=True)
     ranks = {v.name: variant_ranks(v, space) for v in part.variants}
+    searched = [v for v in part.variants if not v.lr_from and v.method != "zero-shot"]
+    scores: dict[str, dict[float, list[float]]] = {v.name: {lr: [] for lr in rates(part, v)} for v in searched}
+    # Seed by seed, so that a study stopped early holds whole seeds of every variant and rate.
+    for seed in sorted({s for v in searched for s in search_seeds(part, v)}):
+        for variant in (v for v in searched if seed in search_seeds(part, v)):
+            rank = search_rank(variant, ranks[variant.name])
+            for lr in rates(part, variant):
+                record = run_once(space, part, variant, rank, lr, seed, ("validation", "test"), out, say,
+                                  search=part.search_steps is not None)
+                scores[variant.name][lr].append(record["metrics"]["validation"]["average"]["accuracy"])
     chosen, search = {}, {}
-    for variant in part.variants:
-        if variant.lr_from:
-            continue
-        rank = search_rank(variant, ranks[variant.name])
-        scores = {}
-        for lr in part.learning_rates:
-            record = run_once(space, part, variant, rank, lr, 0, ("validation", "test"), out, say)
-            scores[lr] = record["metrics"]["validation"]["average"]["accuracy"]
-        chosen[variant.name] = max(part.learning_rates, key=lambda lr: scores[lr])  # ties: the grid's first
-        search[variant.name] = {"rank": rank, "validation_accuracy": {f"{lr:g}": s for lr, s in scores.items()},
+    for variant in searched:
+        means = {lr: statistics.fmean(values) for lr, values in scores[variant.name].items()}
+        chosen[variant.name] = max(means, key=means.get)  # ties: the grid's first
+        search[variant.name] = {"rank": search_rank(variant, ranks[variant.name]),
+                                "seeds": list(search_seeds(part, variant)),
+                                "validation_accuracy": {f"{lr:g}": s for lr, s in means.items()},
                                 "chosen": chosen[variant.name]}
     # Written before the final runs: the report reads each variant's chosen rate from here.
     write_json(folder / SEARCH_FILE, {"learning_rates": search, "load_seconds": load_seconds, "targets": space.targets,
                                       "examples": {"train": len(space.splits.train),
                                                    "validation": len(space.splits.validation),
                                                    "test": len(space.splits.test)}})
-    for variant in part.variants:
-        lr = chosen[variant.lr_from or variant.name]
-        for rank in ranks[variant.name]:
-            for seed in part.seeds:
+    for seed in part.seeds:
+        for variant in part.variants:
+            if variant.method == "zero-shot":
+                if seed == part.seeds[0]:
+                    zero_shot(space, part, variant, out, say)
+                continue
+            lr = chosen[variant.lr_from or variant.name]
+            for rank in ranks[variant.name]:
                 run_once(space, part, variant, rank, lr, seed, ("test",), out, say)
+
+
+def plain(part: Part) -> dict:
+    """A part as JSON holds it (tuples as lists), to compare with a recorded one."""
+    return json.loads(json.dumps(asdict(part)))
 
 
 def variant_config(variant: Variant, rank: int, targets) -> AdapterConfig:
@@ -113,40 +135,86 @@ def variant_config(variant: Variant, rank: int, targets) -> AdapterConfig:
 
 def variant_ranks(variant: Variant, space: Workspace) -> list[int]:
     """The variant's ranks, or the one rank whose count comes closest to its budget at its own options (the
-    study compares fixed numbers of experts, so the planner may not change them)."""
+    study compares fixed numbers of experts, so the planner may not change them). A baseline has rank 0."""
+    if variant.method in BASELINES:
+        return [0]
     if variant.budget is None:
         return list(variant.ranks)
     return [closest_rank(variant_config(variant, 1, space.targets), space.shapes, variant.budget)[0]]
 
 
 def run_name(variant: Variant, rank: int, lr: float, seed: int) -> str:
+    if variant.method in BASELINES:
+        return f"{variant.name}-lr{lr:g}-s{seed}"
     return f"{variant.name}-r{rank}-lr{lr:g}-s{seed}"
 
 
 def run_once(space: Workspace, part: Part, variant: Variant, rank: int, lr: float, seed: int,
-             splits: tuple[str, ...], out: Path, say) -> dict:
+             splits: tuple[str, ...], out: Path, say, search: bool = False) -> dict:
+    """One training run, or its record if it ran before. ``search``: a short rate-search run (``search_steps``),
+    recorded in ``<part>/search/``."""
     name = run_name(variant, rank, lr, seed)
-    path = out / part.name / f"{name}.json"
+    path = out / part.name / ("search" if search else "") / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
     started = time.perf_counter()
-    settings = Settings(adapter=variant_config(variant, rank, space.targets).to_dict(), lr=lr, seed=seed,
-                        batch_size=part.batch_size)
+    steps = part.search_steps if search else part.steps
+    epochs = math.ceil(steps * part.batch_size / part.max_train) if steps else 1
+    adapter = ({"method": variant.method, "rank": 0} if variant.method in BASELINES
+               else variant_config(variant, rank, space.targets).to_dict())
+    settings = Settings(adapter=adapter, lr=lr, seed=seed, batch_size=part.batch_size, epochs=epochs, max_steps=steps)
     _initialise_head(space, seed)
     checkpoints = out / CHECKPOINTS / part.name / name
-    model, record = fit(space, settings, checkpoints, splits=splits)
-    record.update(part=part.name, variant=variant.name, label=variant.label)
+    prepare = _baseline(variant.method) if variant.method in BASELINES else None
+    model, record = fit(space, settings, checkpoints, splits=splits, prepare=prepare)
+    record.update(part=part.name, variant=variant.name, label=variant.label, budget=variant.budget)
+    if search:
+        record["search"] = True
     if "router_layers" in record:
         record["router_layers_at_init"] = initial_routing(space, settings)
-    config = settings.adapter_config()
-    # rankshare's own merges without gates (LoTR's) are checked; PEFT's are PEFT's, the mixtures' need gates.
-    if seed in part.merge_seeds and not config.merge_needs_gates and not isinstance(config, ExternalAdapterConfig):
-        record["merged"] = merged_evaluation(model, space, part.batch_size)
+    if part.forgetting and not search:
+        record["forgetting"] = forgetting(model, space)
+    if variant.method not in BASELINES:
+        config = settings.adapter_config()
+        # rankshare's own merges without gates (LoTR's) are checked; PEFT's are PEFT's, the mixtures' need gates.
+        if seed in part.merge_seeds and not config.merge_needs_gates and not isinstance(config, ExternalAdapterConfig):
+            record["merged"] = merged_evaluation(model, space, part.batch_size)
     record["wall_seconds"] = time.perf_counter() - started
     write_json(path, record)
     shutil.rmtree(checkpoints, ignore_errors=True)
     scores = "  ".join(f"{split} {record['metrics'][split]['average']['accuracy']:.3f}" for split in splits)
-    say(f"{part.name} {name}: {scores}  ({record['wall_seconds']:.0f} s)")
+    say(f"{part.name} {'search ' if search else ''}{name}: {scores}  ({record['wall_seconds']:.0f} s)")
+    return record
+
+
+def _baseline(method: str):
+    """How a baseline's model is prepared from the fresh base: which of its weights train."""
+    def prepare(base: nn.Module, heads: list[str]) -> nn.Module:
+        head = {id(p) for name, module in base.named_modules() if name.split(".")[-1] in heads
+                for p in module.parameters()}
+        for parameter in base.parameters():
+            parameter.requires_grad_(method == "full" or id(parameter) in head)
+        return base
+    return prepare
+
+
+def zero_shot(space: Workspace, part: Part, variant: Variant, out: Path, say) -> dict:
+    """The base model scored as it is: the floor of a generative part."""
+    path = out / part.name / f"{variant.name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    started = time.perf_counter()
+    model = space.fresh_base().to(space.device)
+    record = {"method": "zero-shot", "variant": variant.name, "label": variant.label, "part": part.name, "rank": 0,
+              "seed": None, "steps": 0, "trainable_parameters": {"adapter": 0, "head": 0},
+              "config": {"model": part.model, "data": part.data, "objective": space.kind, "lr": None},
+              **evaluate(model, space.objective, space.splits, part.batch_size, space.device, True,
+                         ("validation", "test")), "versions": versions()}
+    if part.forgetting:
+        record["forgetting"] = forgetting(model, space)
+    record["wall_seconds"] = time.perf_counter() - started
+    write_json(path, record)
+    say(f"{part.name} {variant.name}: test {record['metrics']['test']['average']['accuracy']:.3f}")
     return record
 
 

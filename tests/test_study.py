@@ -28,8 +28,9 @@ SMOLLM2_SHAPES = {**{f"layers.{i}.q_proj": (576, 576) for i in range(30)},
 def test_full_plan_follows_the_rules():
     parts = {part.name: part for part in full_plan()}
     assert set(parts) == {"lotr-minilm-news", "lotr-minilm-sentiment", "mor-minilm-news+sentiment",
-                          "lotr-smollm2-sentiment", "lotr-minilm-sentiment-lower-rate"}
-    for part in parts.values():
+                          "lotr-smollm2-sentiment", "lotr-minilm-sentiment-lower-rate", "power-minilm-sentiment",
+                          "deep-smollm2-sentiment", "multitask-smollm2-skills"}
+    for part in (p for p in parts.values() if p.steps is None):  # the first study's parts (test_study_power.py)
         assert part.seeds == (0, 1, 2)
         assert len(part.learning_rates) >= 2 or part.name.endswith("lower-rate")  # a fixed rate, said in its name
         searched = {v.name for v in part.variants if not v.lr_from}
@@ -152,6 +153,16 @@ def test_seeds_redraw_the_new_head(tiny_part, tmp_path):
     assert heads[1].std().item() == pytest.approx(space.pristine.config.initializer_range, rel=0.5)
 
 
+def test_the_quick_study_runs_every_part(tmp_path):
+    """`rankshare study --quick`: every part of the full plan, on the real packaged models and data, a few steps."""
+    out = tmp_path / "quick"
+    assert main(["study", "--quick", "--quiet", "--out", str(out)]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "Not run yet" not in summary
+    assert all(f"## {part.name}" in summary for part in quick_plan())
+    assert "## Forgetting" in summary and (out / "forgetting.png").is_file()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--parts", "nope"], "no part named nope"),
     (["--redraw"], "holds no study"),
@@ -166,7 +177,7 @@ def test_rates_are_chosen_on_validation_not_test(tiny_part, tmp_path, monkeypatc
     """Scripted scores where validation prefers 3e-2 and test prefers 1e-3: the study must follow validation,
     report only the final runs at that rate, and average them over seeds."""
 
-    def scripted_fit(space, settings, folder, stop_after=None, splits=("validation", "test")):
+    def scripted_fit(space, settings, folder, stop_after=None, splits=("validation", "test"), prepare=None):
         scores = {"validation": {1e-3: 0.5, 3e-2: 0.9}[settings.lr],
                   "test": {1e-3: 0.8, 3e-2: 0.6}[settings.lr] + settings.seed / 100}
         metrics = {split: {"average": {"accuracy": scores[split], "macro_f1": scores[split] / 2}} for split in splits}
@@ -180,7 +191,7 @@ def test_rates_are_chosen_on_validation_not_test(tiny_part, tmp_path, monkeypatc
     out = tmp_path / "study"
     runner.run_study([part], ["scripted"], out, quiet=True, say=lambda text: None)
     search = json.loads((out / "scripted" / "search.json").read_text())["learning_rates"]["lora"]
-    assert search == {"rank": 2, "validation_accuracy": {"0.001": 0.5, "0.03": 0.9}, "chosen": 3e-2}
+    assert search == {"rank": 2, "seeds": [0], "validation_accuracy": {"0.001": 0.5, "0.03": 0.9}, "chosen": 3e-2}
     summary = write_summary(out).read_text()
     # test accuracy at 3e-2 over seeds 0, 1, 2: 60, 61, 62 -> 61.0 ± 1.0; macro-F1 half of it
     assert "| LoRA | 1 | 10 | 61.0 ± 1.0 | 30.5 ± 0.5 | 3 | 1 |" in summary

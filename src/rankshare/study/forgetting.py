@@ -1,7 +1,7 @@
 """What a fine-tuned adapter costs the base model: its language-modelling loss on held-out general text.
 
-The text is the first ``ARTICLES`` articles of BBC News's test split (seed 0's split, as every part uses): no run of
-the study trains on them (the skills set's news task trains on the first words of training-split articles). Each
+The text is the first articles (64 in the study) of BBC News's test split, seed 0's split as every part uses: no run
+of the study trains on them (the skills set's news task trains on the first words of training-split articles). Each
 article is plain text, no chat template, cut at ``TOKENS`` tokens. The loss is the mean next-token negative
 log-likelihood over all their tokens, in nats; ``change`` is the adapted model's loss minus the base model's, so
 a positive change is forgetting.
@@ -13,22 +13,21 @@ import torch
 
 from ..finetune.data import builtin_splits
 
-ARTICLES = 64
 TOKENS = 128
 BATCH = 8
 
 
-def held_out_articles() -> list[str]:
+def held_out_articles(count: int) -> list[str]:
     _labels, (_train, _validation, test) = builtin_splits(0)["news"]
-    return [example.text for example in test[:ARTICLES]]
+    return [example.text for example in test[:count]]
 
 
 @torch.no_grad()
-def language_model_loss(model, tokenizer, device) -> tuple[float, int]:
-    """Mean next-token loss over the held-out articles, and the number of tokens it averages."""
+def language_model_loss(model, tokenizer, device, count: int) -> tuple[float, int]:
+    """Mean next-token loss over ``count`` held-out articles, and the number of tokens it averages."""
     model.eval()
     total, tokens = 0.0, 0
-    articles = held_out_articles()
+    articles = held_out_articles(count)
     for start in range(0, len(articles), BATCH):
         batch = articles[start : start + BATCH]
         rows = [tokenizer(text, add_special_tokens=False)["input_ids"][:TOKENS] for text in batch]
@@ -47,11 +46,11 @@ def language_model_loss(model, tokenizer, device) -> tuple[float, int]:
     return total / tokens, tokens
 
 
-def forgetting(model, space) -> dict:
+def forgetting(model, space, count: int) -> dict:
     """The held-out loss of ``model`` and of the base model of ``space`` (computed once per workspace)."""
     if not hasattr(space, "held_out_base_loss"):
         space.held_out_base_loss = language_model_loss(space.fresh_base().to(space.device), space.tokenizer,
-                                                       space.device)[0]
-    loss, tokens = language_model_loss(model, space.tokenizer, space.device)
+                                                       space.device, count)[0]
+    loss, tokens = language_model_loss(model, space.tokenizer, space.device, count)
     return {"loss": loss, "base_loss": space.held_out_base_loss, "change": loss - space.held_out_base_loss,
-            "articles": ARTICLES, "tokens": tokens}
+            "articles": count, "tokens": tokens}

@@ -44,7 +44,7 @@ class Part:
     steps: int | None = None  # optimisation steps per run (default: one epoch of max_train)
     search_seeds: tuple[int, ...] = (0,)  # the seeds that choose a rate (the mean of their validation accuracy)
     search_steps: int | None = None  # shorter rate-search runs, recorded apart in <part>/search/
-    forgetting: bool = False  # record each run's change in language-modelling loss on held-out news articles
+    forgetting: int = 0  # held-out news articles on which each run's language-modelling loss is compared with the base
 
 
 def lotr_variants(lora: tuple[int, ...], by_name: tuple[int, ...], frozen: tuple[int, ...],
@@ -108,6 +108,8 @@ def full_plan() -> list[Part]:
                                options={"share": "by_shape"})],
              **{**minilm, "learning_rates": (3e-3,)}),
         power_part(),
+        deep_part(),
+        multitask_part(),
     ]
 
 
@@ -144,22 +146,83 @@ def power_part() -> Part:
                 steps=480, search_seeds=POWER_SEEDS)
 
 
+# SmolLM2's query (576 × 576) and value (192 × 576) projections in 30 layers: LoRA r has 57,600 r parameters, LoTR with
+# trainable factors 1,920 r + 60 r², frozen Tucker LoTR 60 r² (its cores).
+DEEP_RATES = (1e-3, 3e-3, 1e-2)
+
+
+def deep_part() -> Part:
+    """Part 2: LoTR against LoRA r = 1 and 4 on a 30-layer model, 300 steps, 3 seeds, the zero-shot floor.
+
+    LoTR's ranks run from far below LoRA r = 1's count (frozen r = 8: 3,840; trainable r = 8: 19,200) through about
+    r = 1's (frozen r = 32: 61,440; trainable r = 16: 46,080) to r = 4's (230,400; frozen r = 64: 245,760, trainable
+    r = 48: 230,400). Rates are chosen on validation with 100-step runs at the ranks nearest LoRA r = 1's count.
+    """
+    variants = [
+        Variant("lora", "LoRA (PEFT)", "lora", (1, 4), search_rank=1),
+        Variant("lotr", "LoTR, trainable U and V", "lotr", (8, 16, 48), search_rank=16, options={"share": "by_name"}),
+        Variant("lotr-frozen", "LoTR, frozen Tucker U and V", "lotr", (8, 32, 64), search_rank=32,
+                options={"init": "tucker", "freeze_factors": True}),
+        Variant("zero-shot", "SmolLM2 before training", "zero-shot"),
+    ]
+    return Part("deep-smollm2-sentiment", "parameter-efficiency", model="smollm2", data="sentiment", max_train=2400,
+                max_eval=500, max_length=48, batch_size=8, learning_rates=DEEP_RATES, seeds=(0, 1, 2),
+                variants=variants, steps=300, search_steps=100, forgetting=64)
+
+
+# On SmolLM2's query and value projections: 691,200 = LoRA r = 12, where MoR N = 4 has r = 8 and N = 8 r = 4 (its
+# routers and output-side expert vectors take the rest), MoE-LoRA N = 4 r = 2 (-13 %) and N = 8 r = 1 (+7 %).
+# 921,600 = LoRA r = 16, where MoR N = 4 has r = 12: the shared rank LoRA has at the first budget.
+MULTITASK_BUDGETS = (691_200, 921_600)
+
+
+def multitask_part() -> Part:
+    """Part 4: MoR's multi-task claim on the skills set (8 tasks), at two budgets, 300 steps of 4, 3 seeds.
+
+    Rates are chosen on validation with 60-step runs for LoRA, MoR N = 4 and MoE-LoRA N = 4; N = 8 and the larger
+    budget take those rates. 63 validation and test examples per task: 504 in all, 0.2 points of the average each.
+    """
+    small, large = MULTITASK_BUDGETS
+    variants = [Variant("lora", "LoRA (PEFT)", "lora", budget=small)]
+    for method in ("mor", "moelora"):
+        label = methods()[method].title
+        variants += [Variant(f"{method}-n4", f"{label}, N=4", method, budget=small, options={"num_experts": 4}),
+                     Variant(f"{method}-n8", f"{label}, N=8", method, budget=small, lr_from=f"{method}-n4",
+                             options={"num_experts": 8})]
+    variants += [Variant("lora-large", "LoRA (PEFT), larger budget", "lora", budget=large, lr_from="lora"),
+                 Variant("mor-n4-large", "MoR, N=4, larger budget", "mor", budget=large, lr_from="mor-n4",
+                         options={"num_experts": 4}),
+                 Variant("zero-shot", "SmolLM2 before training", "zero-shot")]
+    return Part("multitask-smollm2-skills", "multi-task", model="smollm2", data="skills", max_train=150, max_eval=63,
+                max_length=128, batch_size=4, learning_rates=DEEP_RATES, seeds=(0, 1, 2), variants=variants,
+                steps=300, search_steps=60, forgetting=64)
+
+
+# In the quick plan, the variants these parts keep (the others keep all, or as the rules below say).
+QUICK_VARIANTS = {"lotr-smollm2-sentiment": ("lotr", "lotr-frozen"),
+                  "deep-smollm2-sentiment": ("lotr-frozen", "zero-shot"),
+                  "multitask-smollm2-skills": ("lora", "mor-n4", "zero-shot")}
+
+
 def quick_plan() -> list[Part]:
-    """The same parts and code paths, one seed, one rate, one rank per variant, a few steps."""
+    """The same parts and code paths, one seed, one rate, one rank per variant, a few steps and examples."""
     parts = []
     for part in full_plan():
         variants = [Variant(**{**asdict(v), "ranks": v.ranks[:1], "search_rank": None,
                                "learning_rates": v.learning_rates[-1:], "search_seeds": None}) for v in part.variants]
-        if part.claim == "multi-task":  # the smallest and largest mixtures, each choosing its own rate
-            variants = [Variant(**{**asdict(v), "lr_from": None}) for v in variants if not v.name.endswith("-n4")]
+        if part.name in QUICK_VARIANTS:
+            variants = [v for v in variants if v.name in QUICK_VARIANTS[part.name]]
+        elif part.claim == "multi-task":  # the smallest and largest mixtures
+            variants = [v for v in variants if not v.name.endswith("-n4")]
+        variants = [Variant(**{**asdict(v), "lr_from": None}) for v in variants]  # each chooses its own rate
         small = part.model == "smollm2"
-        if small and part.claim == "parameter-efficiency":
-            variants = variants[1:3]  # SmolLM2: its two LoTR variants
-        parts.append(Part(part.name, part.claim, part.model, part.data, max_train=16 if small else 64,
-                          max_eval=12 if small else 40, max_length=part.max_length, batch_size=part.batch_size,
-                          learning_rates=part.learning_rates[-1:], seeds=(0,), variants=variants, merge_seeds=(0,),
-                          steps=2 if part.steps else None, search_steps=1 if part.search_steps else None,
-                          forgetting=part.forgetting))
+        instructions = part.data == "skills"  # per task, 8 tasks, and evaluation generates: the fewest
+        parts.append(Part(part.name, part.claim, part.model, part.data,
+                          max_train=4 if instructions else 16 if small else 64,
+                          max_eval=1 if instructions else 12 if small else 40, max_length=part.max_length,
+                          batch_size=part.batch_size, learning_rates=part.learning_rates[-1:], seeds=(0,),
+                          variants=variants, merge_seeds=(0,), steps=2 if part.steps else None,
+                          search_steps=1 if part.search_steps else None, forgetting=min(part.forgetting, 2)))
     return parts
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..atomic_files import replace_file
 from ..config import method_class, methods
 from ..finetune.report import compact, new_figure, router_figure
-from .plan import Part, Variant, part_from_dict
+from .plan import BASELINES, Part, Variant, part_from_dict
 from .runner import PLAN_FILE, SEARCH_FILE
 
 SUMMARY = "summary.md"
@@ -28,7 +28,7 @@ COLOURS = {"lora": "C0", "lotr": "C1", "lotr-by-shape": "C2", "lotr-frozen": "C3
 
 def is_mixture(variant: Variant) -> bool:
     """A routed mixture: its update depends on per-token gates."""
-    return method_class(variant.method).merge_needs_gates
+    return variant.method not in BASELINES and method_class(variant.method).merge_needs_gates
 
 
 def load_parts(out: Path) -> list[Part]:
@@ -45,6 +45,9 @@ def final_runs(part: Part, search: dict, records: list[dict]) -> dict[str, list[
     chosen = search["learning_rates"]
     runs = {}
     for variant in part.variants:
+        if variant.method == "zero-shot":  # one record, no rate and no seed
+            runs[variant.name] = [r for r in records if r["variant"] == variant.name]
+            continue
         lr = chosen[variant.lr_from or variant.name]["chosen"]
         runs[variant.name] = [r for r in records if r["variant"] == variant.name and r["config"]["lr"] == lr
                               and r["seed"] in part.seeds]
@@ -56,12 +59,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def layer_distances(router_layers: dict[str, list[list[float]]]) -> list[float] | None:
-    """Per layer, the total-variation distance between the two tasks' mean gates (None unless two tasks)."""
+    """Per layer, the total-variation distance between two tasks' mean gates, averaged over every pair of tasks
+    (None with fewer than two tasks)."""
     tasks = sorted(router_layers)
-    if len(tasks) != 2:
+    pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1 :]]
+    if not pairs:
         return None
-    return [0.5 * sum(abs(a - b) for a, b in zip(first, second))
-            for first, second in zip(router_layers[tasks[0]], router_layers[tasks[1]])]
+    layers = zip(*(router_layers[task] for task in tasks))
+    return [statistics.fmean(0.5 * sum(abs(x - y) for x, y in zip(gates[tasks.index(a)], gates[tasks.index(b)]))
+                             for a, b in pairs) for gates in layers]
 
 
 def specialisation(router_layers: dict[str, list[list[float]]]) -> float | None:
@@ -252,23 +258,276 @@ def search_rows(part: Part, search: dict) -> list[list[str]]:
         scores = ", ".join(f"{lr}: {100 * a:.1f}" for lr, a in result["validation_accuracy"].items())
         chosen, grid = result["chosen"], part.learning_rates
         edge = len(grid) > 1 and chosen in (min(grid), max(grid))  # the best rate may lie outside the grid
-        rows.append([part.name, name, str(result["rank"]), scores,
+        seeds = ", ".join(str(seed) for seed in result.get("seeds", [0]))
+        rows.append([part.name, name, str(result["rank"]), seeds, scores,
                      f"{chosen:g}" + (f" ({'top' if chosen == max(grid) else 'bottom'} of the grid)" if edge else "")])
     return rows
 
 
+# A run has collapsed when at least this share of its test predictions falls in one class: it has stopped
+# telling the classes apart (sentiment's largest class is 41 % of its test split).
+COLLAPSE_SHARE = 0.9
+
+
+def collapsed(record: dict) -> bool:
+    tasks = [m for task, m in record["metrics"]["test"].items() if task != "average" and "predicted" in m]
+    return any(max(m["predicted"]) >= COLLAPSE_SHARE * m["examples"] for m in tasks)
+
+
+def accuracy(record: dict, split: str = "test", task: str = "average") -> float:
+    """Accuracy, or exact match for instruction tuning."""
+    scores = record["metrics"][split][task]
+    return scores["accuracy"] if "accuracy" in scores else scores["exact_match"]
+
+
+def paired_difference(runs: list[dict], baseline: list[dict], task: str = "average") -> dict | None:
+    """Mean of the per-seed differences ``runs - baseline`` in test accuracy, with a two-sided 95 % confidence
+    interval from Student's t over the seeds both have (runs with one seed are paired by it: the same split, batch
+    order and head initialisation)."""
+    from scipy.stats import t
+
+    by_seed = {r["seed"]: r for r in baseline}
+    differences = [accuracy(r, task=task) - accuracy(by_seed[r["seed"]], task=task) for r in runs
+                   if r["seed"] in by_seed]
+    if not differences:
+        return None
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "seeds": 1}
+    half = t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(differences)}
+
+
+def _ci(difference: dict | None) -> str:
+    if difference is None:
+        return "—"
+    if difference["seeds"] < 2:
+        return f"{100 * difference['mean']:+.1f} (one seed)"
+    return f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
+
+
+def power_section(part: Part, search: dict, records: list[dict]) -> tuple[str, dict]:
+    """Part 1: per rate, every variant's accuracy and collapses; at the rates validation chose, the paired
+    differences against LoRA; the plots of both."""
+    chosen = search["learning_rates"]
+    grid_rows = []
+    for variant in part.variants:
+        runs = [r for r in records if r["variant"] == variant.name]
+        for lr in sorted({r["config"]["lr"] for r in runs if r["config"]["lr"] is not None}):
+            at = [r for r in runs if r["config"]["lr"] == lr]
+            validation = [accuracy(r, "validation") for r in at if "validation" in r["metrics"]]
+            mark = " ←" if chosen.get(variant.lr_from or variant.name, {}).get("chosen") == lr else ""
+            grid_rows.append([variant.label, f"{lr:g}{mark}", str(len(at)),
+                              f"{100 * statistics.fmean(validation):.1f}" if validation else "—",
+                              _pm(mean_std([accuracy(r) for r in at])), f"{sum(map(collapsed, at))} of {len(at)}"])
+    grid = _table(["variant", "rate (← chosen)", "runs", "validation accuracy %", "test accuracy %", "collapsed"],
+                  grid_rows)
+    runs = final_runs(part, search, records)
+    baseline = runs.get("lora", [])
+    rows = []
+    for variant in part.variants:
+        group = runs[variant.name]
+        if not group:
+            continue
+        lr = group[0]["config"]["lr"]
+        difference = None if variant.name == "lora" else paired_difference(group, baseline)
+        rows.append([variant.label, str(group[0]["rank"]) if group[0]["rank"] else "—",
+                     f"{group[0]['trainable_parameters']['adapter']:,}", f"{lr:g}" if lr else "—",
+                     _pm(mean_std([accuracy(r) for r in group])),
+                     _pm(mean_std([r["metrics"]["test"]["average"]["macro_f1"] for r in group])),
+                     _ci(difference), f"{sum(map(collapsed, group))} of {len(group)}",
+                     f"{statistics.fmean(r['train_seconds'] for r in group):.0f}"])
+    table = _table(["variant", "rank", "trainable params", "rate", "test accuracy %", "test macro-F1 %",
+                    "Δ accuracy vs LoRA, points [95 % CI]", "collapsed", "train s/run"], rows)
+    images = {f"{part.name}-rates.png": rates_figure(part, records),
+              f"{part.name}-paired.png": paired_figure(part, runs)}
+    return grid + "\n\nAt each variant's chosen rate (paired by seed):\n\n" + table, images
+
+
+def rates_figure(part: Part, records: list[dict]):
+    """Test accuracy against the learning rate, mean ± std over seeds; a cross for each collapsed run."""
+    figure = new_figure(7, 4.5)
+    axes = figure.add_subplot()
+    axes.set_xscale("log")
+    for i, variant in enumerate(v for v in part.variants if v.method != "zero-shot"):
+        runs = [r for r in records if r["variant"] == variant.name]
+        grid = sorted({r["config"]["lr"] for r in runs})
+        stats = [mean_std([accuracy(r) for r in runs if r["config"]["lr"] == lr]) for lr in grid]
+        style = "--" if variant.method in ("head-only", "full") else "-"
+        axes.errorbar(grid, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", capsize=3,
+                      linestyle=style, color=f"C{i}", label=variant.label)
+        fallen = [r for r in runs if collapsed(r)]
+        axes.scatter([r["config"]["lr"] for r in fallen], [100 * accuracy(r) for r in fallen], marker="x",
+                     color=f"C{i}")
+    axes.set_xlabel("learning rate (log scale); × a collapsed run")
+    axes.set_ylabel("test accuracy (%), mean ± std over seeds")
+    axes.set_title(f"{part.model} on {part.data}: every rate, {len(part.seeds)} seeds")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    return figure
+
+
+def paired_figure(part: Part, runs: dict[str, list[dict]]):
+    """Each variant's paired difference against LoRA at the chosen rates, with its 95 % confidence interval."""
+    figure = new_figure(7, 3.5)
+    axes = figure.add_subplot()
+    shown = [(v, paired_difference(runs[v.name], runs.get("lora", []))) for v in part.variants if v.name != "lora"]
+    shown = [(v, d) for v, d in shown if d is not None]
+    for y, (_, difference) in enumerate(shown):
+        low, high = difference["low"], difference["high"]
+        error = [[100 * (difference["mean"] - low)], [100 * (high - difference["mean"])]] if low == low else None
+        axes.errorbar([100 * difference["mean"]], [y], xerr=error, marker="o", capsize=4, color=f"C{y}")
+    axes.axvline(0, color="0.3")
+    axes.set_yticks(range(len(shown)), [v.label for v, _ in shown])
+    axes.set_xlabel("test accuracy minus LoRA's, same seed (points), mean and 95 % CI")
+    axes.grid(True, axis="x", alpha=0.3)
+    return figure
+
+
+def generative_section(part: Part, runs: dict[str, list[dict]]) -> tuple[str, dict]:
+    """A SmolLM2 part (2 or 4): per variant and rank, the test scores per task, the paired difference against
+    LoRA (at its smallest rank), the forgetting measure, and the zero-shot floor."""
+    baseline = next((v for v in part.variants if v.method == "lora"), None)
+    reference = sorted(runs[baseline.name], key=lambda r: r["rank"]) if baseline else []
+    reference = [r for r in reference if r["rank"] == reference[0]["rank"]] if reference else []
+    tasks = sorted({t for group in runs.values() for r in group for t in r["metrics"]["test"] if t != "average"})
+    tasks = tasks if len(tasks) > 1 else []
+    rows = []
+    for variant in part.variants:
+        by_rank: dict[int, list[dict]] = {}
+        for run in runs[variant.name]:
+            by_rank.setdefault(run["rank"], []).append(run)
+        for rank, group in sorted(by_rank.items()):
+            lr = group[0]["config"]["lr"]
+            cells = [variant.label, str(rank) if rank else "—", f"{group[0]['trainable_parameters']['adapter']:,}",
+                     f"{lr:g}" if lr else "—"]
+            cells += [_pm(mean_std([accuracy(r, task=t) for r in group])) for t in tasks]
+            cells.append(_pm(mean_std([accuracy(r) for r in group])))
+            same = group is reference or (reference and group[0] is reference[0])
+            cells.append("—" if same or variant.method == "zero-shot" else _ci(paired_difference(group, reference)))
+            change = [r["forgetting"]["change"] for r in group if "forgetting" in r]
+            cells.append(f"{mean_std(change)[0]:+.3f} ± {mean_std(change)[1]:.3f}" if change else "—")
+            spread = [d for r in group if r.get("router_layers") for d in [specialisation(r["router_layers"])]
+                      if d is not None]
+            if tasks:
+                cells.append(f"{mean_std(spread)[0]:.3f}" if spread else "—")
+            cells.append(str(len(group)) if group[0]["seed"] is not None else "—")
+            rows.append(cells)
+    score = "exact match" if part.data == "skills" else "accuracy"
+    against = f"LoRA r={reference[0]['rank']}" if reference else "LoRA"
+    header = ["variant", "rank", "trainable params", "rate"] + [f"{t} %" for t in tasks]
+    header += [f"test {score} %", f"Δ vs {against}, points [95 % CI]", "Δ held-out loss (nats)"]
+    header += ["router specialisation"] if tasks else []
+    header += ["seeds"]
+    images = {f"{part.name}.png": generative_figure(part, runs, score)}
+    if tasks:
+        images[f"{part.name}-routing-by-layer.png"] = routing_figure(part, runs)
+    return _table(header, rows), {name: image for name, image in images.items() if image is not None}
+
+
+def generative_figure(part: Part, runs: dict[str, list[dict]], score: str):
+    """Test score against trainable parameters (log scale), mean ± std over seeds; zero-shot as a line."""
+    from matplotlib.ticker import FuncFormatter
+
+    figure = new_figure(7, 4.5)
+    axes = figure.add_subplot()
+    axes.set_xscale("log")
+    for i, variant in enumerate(part.variants):
+        group = runs[variant.name]
+        if not group:
+            continue
+        if variant.method == "zero-shot":
+            axes.axhline(100 * accuracy(group[0]), color="0.3", linestyle=":", label=variant.label)
+            continue
+        by_rank: dict[int, list[dict]] = {}
+        for run in group:
+            by_rank.setdefault(run["rank"], []).append(run)
+        xs = [runs_at[0]["trainable_parameters"]["adapter"] for _, runs_at in sorted(by_rank.items())]
+        stats = [mean_std([accuracy(r) for r in runs_at]) for _, runs_at in sorted(by_rank.items())]
+        axes.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", capsize=4,
+                      color=f"C{i}", label=variant.label, linestyle="-" if len(xs) > 1 else "none")
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: compact(value)))
+    axes.set_xlabel("trainable adapter parameters (log scale)")
+    axes.set_ylabel(f"test {score} (%), mean ± std over seeds")
+    axes.set_title(f"{part.model} on {part.data}, {part.steps} steps of {part.batch_size}")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    return figure
+
+
+def forgetting_section(parts: list[tuple[Part, dict[str, list[dict]]]]) -> tuple[str, object] | None:
+    """Part 5: every SmolLM2 run's change in held-out language-modelling loss, next to its task score."""
+    rows, series = [], []
+    for part, runs in parts:
+        for variant in part.variants:
+            by_rank: dict[int, list[dict]] = {}
+            for run in runs[variant.name]:
+                if "forgetting" in run and variant.method != "zero-shot":
+                    by_rank.setdefault(run["rank"], []).append(run)
+            for rank, group in sorted(by_rank.items()):
+                change = mean_std([r["forgetting"]["change"] for r in group])
+                rows.append([part.name, variant.label, str(rank), f"{group[0]['trainable_parameters']['adapter']:,}",
+                             f"{group[0]['forgetting']['base_loss']:.3f}", f"{change[0]:+.3f} ± {change[1]:.3f}",
+                             _pm(mean_std([accuracy(r) for r in group])), str(len(group))])
+                series.append((part.name, variant.label, group))
+    if not rows:
+        return None
+    table = _table(["part", "variant", "rank", "trainable params", "base loss", "Δ held-out loss (nats)",
+                    "test score %", "seeds"], rows)
+    figure = new_figure(7, 4.5)
+    axes = figure.add_subplot()
+    for i, (part_name, label, group) in enumerate(series):
+        axes.scatter([r["trainable_parameters"]["adapter"] for r in group], [r["forgetting"]["change"] for r in group],
+                     color=f"C{i % 10}", marker="o" if "skills" in part_name else "s", s=18,
+                     label=f"{label} ({'skills' if 'skills' in part_name else 'sentiment'})")
+    axes.set_xscale("log")
+    axes.axhline(0, color="0.3")
+    axes.set_xlabel("trainable adapter parameters (log scale)")
+    axes.set_ylabel("held-out news loss, adapted minus base (nats)")
+    axes.set_title("What fine-tuning costs SmolLM2 on text no run trained on")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=6, ncol=2)
+    return table, figure
+
+
+def provisional_search(part: Part, records: list[dict]) -> dict:
+    """For a grid part still running: each variant's rate chosen on the seeds it has finished so far."""
+    search = {}
+    for variant in part.variants:
+        runs = [r for r in records if r["variant"] == variant.name and "validation" in r["metrics"]]
+        if variant.lr_from or not runs:
+            continue
+        means = {lr: statistics.fmean(accuracy(r, "validation") for r in runs if r["config"]["lr"] == lr)
+                 for lr in sorted({r["config"]["lr"] for r in runs})}
+        search[variant.name] = {"rank": runs[0]["rank"], "seeds": sorted({r["seed"] for r in runs}),
+                                "validation_accuracy": {f"{lr:g}": m for lr, m in means.items()},
+                                "chosen": max(means, key=means.get)}
+    examples = records[0]["examples"]
+    return {"learning_rates": search, "load_seconds": 0.0, "targets": records[0]["config"].get("targets", []),
+            "examples": examples, "provisional": True}
+
+
 def write_summary(out: Path) -> Path:
-    """summary.md and one plot per part in ``out``, from the records there."""
-    sections, searches, merges, times = [], [], [], []
+    """summary.md and the plots of every part in ``out``, from the records there."""
+    sections, searches, merges, times, generative = [], [], [], [], []
     for part in load_parts(out):
         search_path = out / part.name / SEARCH_FILE
-        if not search_path.is_file():
+        records = part_records(out, part) if (out / part.name).is_dir() else []
+        if search_path.is_file():
+            search = json.loads(search_path.read_text())
+        elif part.claim == "power" and records:
+            search = provisional_search(part, records)
+        else:
             sections.append(f"## {part.name}\n\nNot run yet.\n")
             continue
-        search, records = json.loads(search_path.read_text()), part_records(out, part)
         runs = final_runs(part, search, records)
         images = {}
-        if part.claim == "parameter-efficiency":
+        if part.claim == "power":
+            table, images = power_section(part, search, records)
+        elif part.model == "smollm2" and part.steps:
+            table, images = generative_section(part, runs)
+            generative.append((part, runs))
+        elif part.claim == "parameter-efficiency":
             table, images[f"{part.name}.png"] = lotr_section(part, runs)
         else:
             table, images[f"{part.name}.png"], router, routing = mor_section(part, runs)
@@ -281,19 +540,31 @@ def write_summary(out: Path) -> Path:
             figure.savefig(png, format="png", dpi=110)
             replace_file(out / name, png.getvalue())
         examples = search["examples"]
-        sections.append(f"## {part.name}\n\n{part.model}, {part.data}: {examples['train']:,} training examples "
-                        f"({math.ceil(examples['train'] / part.batch_size)} steps of {part.batch_size}), "
-                        f"{examples['validation']:,} validation, {examples['test']:,} test; {part.max_length} tokens; "
+        steps = part.steps or math.ceil(examples["train"] / part.batch_size)
+        state = (f"**Still running**: {len(records)} runs so far; rates chosen on the seeds finished.\n\n"
+                 if search.get("provisional") else "")
+        sections.append(f"## {part.name}\n\n{state}{part.model}, {part.data}: {examples['train']:,} training examples "
+                        f"({steps} steps of {part.batch_size}), {examples['validation']:,} validation, "
+                        f"{examples['test']:,} test; {part.max_length} tokens; "
                         f"targets {', '.join(search['targets'])}.\n\n{table}\n\n"
                         + "".join(f"![{name}]({name})\n" for name in images))
         searches += search_rows(part, search)
         merges.append(merge_rows(part, runs))
-        minutes = (sum(r["wall_seconds"] for r in records) + search["load_seconds"]) / 60
-        times.append([part.name, str(len(records)), f"{minutes:.1f}"])
-    text = "# Study results\n\nTest accuracy, mean ± std over seeds, at each variant's chosen learning rate.\n\n"
+        searched = [json.loads(p.read_text()) for p in sorted((out / part.name / "search").glob("*.json"))]
+        minutes = (sum(r["wall_seconds"] for r in records + searched) + search["load_seconds"]) / 60
+        times.append([part.name, str(len(records) + len(searched)), f"{minutes:.1f}"])
+    forgetting = forgetting_section(generative)
+    if forgetting:
+        table, figure = forgetting_section(generative)
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=110)
+        replace_file(out / "forgetting.png", png.getvalue())
+        sections.append(f"## Forgetting: held-out news loss of every SmolLM2 run\n\n{table}\n\n![forgetting.png]"
+                        "(forgetting.png)\n")
+    text = "# Study results\n\nTest scores, mean ± std over seeds, at each variant's chosen learning rate.\n\n"
     text += "\n".join(sections)
-    text += "\n## Learning rates (validation accuracy %, seed 0)\n\n"
-    text += _table(["part", "variant", "rank", "validation accuracy by rate", "chosen"], searches) + "\n"
+    text += "\n## Learning rates (validation score %, mean over the seeds searched)\n\n"
+    text += _table(["part", "variant", "rank", "seeds", "validation score by rate", "chosen"], searches) + "\n"
     merges = [row for row in merges if row]
     if merges:
         text += "\n## Merged LoTR against unmerged (test split)\n\n"

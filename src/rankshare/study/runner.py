@@ -97,9 +97,11 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
         for variant in (v for v in searched if seed in search_seeds(part, v)):
             rank = search_rank(variant, ranks[variant.name])
             for lr in rates(part, variant):
-                record = run_once(space, part, variant, rank, lr, seed, ("validation", "test"), out, say,
+                # Short search runs are scored on validation alone; a grid's runs are the final ones as well.
+                splits = ("validation",) if part.search_steps else ("validation", "test")
+                record = run_once(space, part, variant, rank, lr, seed, splits, out, say,
                                   search=part.search_steps is not None)
-                scores[variant.name][lr].append(record["metrics"]["validation"]["average"]["accuracy"])
+                scores[variant.name][lr].append(headline(record["metrics"]["validation"]))
     chosen, search = {}, {}
     for variant in searched:
         means = {lr: statistics.fmean(values) for lr, values in scores[variant.name].items()}
@@ -122,6 +124,12 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
             lr = chosen[variant.lr_from or variant.name]
             for rank in ranks[variant.name]:
                 run_once(space, part, variant, rank, lr, seed, ("test",), out, say)
+
+
+def headline(split_metrics: dict) -> float:
+    """A split's score: the average accuracy of a classifier, or the average exact match of instruction tuning."""
+    average = split_metrics["average"]
+    return average["accuracy"] if "accuracy" in average else average["exact_match"]
 
 
 def plain(part: Part) -> dict:
@@ -173,16 +181,17 @@ def run_once(space: Workspace, part: Part, variant: Variant, rank: int, lr: floa
     if "router_layers" in record:
         record["router_layers_at_init"] = initial_routing(space, settings)
     if part.forgetting and not search:
-        record["forgetting"] = forgetting(model, space)
+        record["forgetting"] = forgetting(model, space, part.forgetting)
     if variant.method not in BASELINES:
         config = settings.adapter_config()
         # rankshare's own merges without gates (LoTR's) are checked; PEFT's are PEFT's, the mixtures' need gates.
         if seed in part.merge_seeds and not config.merge_needs_gates and not isinstance(config, ExternalAdapterConfig):
             record["merged"] = merged_evaluation(model, space, part.batch_size)
     record["wall_seconds"] = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, record)
     shutil.rmtree(checkpoints, ignore_errors=True)
-    scores = "  ".join(f"{split} {record['metrics'][split]['average']['accuracy']:.3f}" for split in splits)
+    scores = "  ".join(f"{split} {headline(record['metrics'][split]):.3f}" for split in splits)
     say(f"{part.name} {'search ' if search else ''}{name}: {scores}  ({record['wall_seconds']:.0f} s)")
     return record
 
@@ -211,10 +220,10 @@ def zero_shot(space: Workspace, part: Part, variant: Variant, out: Path, say) ->
               **evaluate(model, space.objective, space.splits, part.batch_size, space.device, True,
                          ("validation", "test")), "versions": versions()}
     if part.forgetting:
-        record["forgetting"] = forgetting(model, space)
+        record["forgetting"] = forgetting(model, space, part.forgetting)
     record["wall_seconds"] = time.perf_counter() - started
     write_json(path, record)
-    say(f"{part.name} {variant.name}: test {record['metrics']['test']['average']['accuracy']:.3f}")
+    say(f"{part.name} {variant.name}: test {headline(record['metrics']['test']):.3f}")
     return record
 
 

@@ -1,0 +1,190 @@
+"""The powered study (issue 20): the rules its parts follow, a rate grid paired by seed, the baselines, the
+held-out loss that measures forgetting, and the statistics of its report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
+
+from rankshare.finetune.budget import closest_rank
+from rankshare.study import forgetting, runner
+from rankshare.study.plan import (
+    BASELINES,
+    MULTITASK_BUDGETS,
+    POWER_BUDGET,
+    Part,
+    Variant,
+    deep_part,
+    multitask_part,
+    power_part,
+)
+from rankshare.study.report import collapsed, layer_distances, paired_difference, write_summary
+from rankshare.study.runner import variant_config
+
+MINILM_SHAPES = {f"layer.{i}.{name}": (384, 384) for i in range(6) for name in ("query", "value")}
+SMOLLM2_SHAPES = {**{f"layers.{i}.q_proj": (576, 576) for i in range(30)},
+                  **{f"layers.{i}.v_proj": (192, 576) for i in range(30)}}
+
+
+def count(variant: Variant, rank: int, shapes) -> int:
+    return variant_config(variant, rank, ["q_proj"]).num_trainable_parameters(shapes)
+
+
+def test_part_1_is_a_paired_grid_at_one_budget():
+    part = power_part()
+    assert part.seeds == part.search_seeds == (0, 1, 2, 3, 4)  # every rate trains every seed
+    adapters = [v for v in part.variants if v.method not in BASELINES]
+    assert sorted(v.method for v in adapters) == ["lora", "lotr", "lotr", "moelora", "mor"]
+    assert {v.options.get("freeze_factors", False) for v in adapters if v.method == "lotr"} == {True, False}
+    rates = sorted(part.learning_rates)
+    assert len(rates) >= 4 and all(2.5 <= high / low <= 3.5 for low, high in zip(rates, rates[1:]))
+    for variant in adapters:  # one matched budget: each method's closest rank lands within 2 % of it
+        _, parameters = closest_rank(variant_config(variant, 1, ["query"]), MINILM_SHAPES, POWER_BUDGET)
+        assert abs(parameters - POWER_BUDGET) <= 0.02 * POWER_BUDGET, variant.name
+    assert {"head-only", "full"} <= {v.method for v in part.variants}  # the floor and the ceiling
+    assert part.steps * part.batch_size >= 4 * part.max_train  # the schedule of docs/results/schedule-pilot
+
+
+def test_part_2_spans_lora_r1_to_r4_on_the_deep_model():
+    part = deep_part()
+    assert part.model == "smollm2" and part.steps >= 300 and len(part.seeds) >= 3 and part.forgetting
+    variants = {v.name: v for v in part.variants}
+    assert "zero-shot" in variants and variants["lora"].ranks == (1, 4)
+    r1, r4 = (count(variants["lora"], r, SMOLLM2_SHAPES) for r in (1, 4))
+    assert (r1, r4) == (57_600, 230_400)  # 30 layers x r x (576 + 576 + 576 + 192)
+    for name in ("lotr", "lotr-frozen"):
+        counts = [count(variants[name], r, SMOLLM2_SHAPES) for r in variants[name].ranks]
+        assert counts[0] < r1 / 2 and counts[-1] >= r4  # from far below r = 1's count up to r = 4's
+    # frozen Tucker factors: the cores alone train, 60 groups' worth of r x r
+    assert count(variants["lotr-frozen"], 32, SMOLLM2_SHAPES) == 60 * 32 * 32
+
+
+def test_part_4_has_a_second_budget_where_mor_keeps_loras_rank():
+    part = multitask_part()
+    assert part.data == "skills" and part.steps >= 300 and len(part.seeds) >= 3 and part.forgetting
+    small, large = MULTITASK_BUDGETS
+    ranks = {v.name: closest_rank(variant_config(v, 1, ["q_proj"]), SMOLLM2_SHAPES, v.budget)
+             for v in part.variants if v.budget}
+    for variant in part.variants:
+        if variant.budget == small:
+            assert abs(ranks[variant.name][1] - small) <= 0.15 * small, variant.name
+    assert {v.options.get("num_experts") for v in part.variants if v.method in ("mor", "moelora")} == {4, 8}
+    assert ranks["mor-n4-large"][0] == ranks["lora"][0]  # MoR's shared rank at the larger budget = LoRA's at the first
+
+
+def test_paired_difference_is_students_t_over_seeds():
+    def runs(scores):
+        return [{"seed": s, "metrics": {"test": {"average": {"accuracy": a}}}} for s, a in scores]
+
+    lora = runs(((0, 0.70), (1, 0.72), (2, 0.71)))
+    other = runs(((2, 0.71), (0, 0.72), (1, 0.76)))
+    result = paired_difference(other, lora)
+    differences = [0.02, 0.04, 0.00]  # paired by seed, not by position
+    half = 4.302653 * statistics.stdev(differences) / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert result["seeds"] == 3 and result["mean"] == pytest.approx(0.02)
+    assert (result["low"], result["high"]) == pytest.approx((0.02 - half, 0.02 + half), rel=1e-5)
+    assert paired_difference(other[:1], lora)["seeds"] == 1
+
+
+def test_collapse_is_one_class_taking_nine_tenths_of_the_predictions():
+    def run(predicted):
+        return {"metrics": {"test": {"sentiment": {"examples": 100, "predicted": predicted}, "average": {}}}}
+
+    assert collapsed(run([90, 6, 4])) and not collapsed(run([89, 6, 5])) and not collapsed(run([41, 30, 29]))
+
+
+def test_routing_distance_averages_every_pair_of_tasks():
+    routing = {"a": [[1.0, 0.0]], "b": [[0.0, 1.0]], "c": [[1.0, 0.0]]}
+    assert layer_distances(routing) == [pytest.approx((1 + 0 + 1) / 3)]  # pairs ab, ac, bc
+
+
+def test_baselines_train_the_head_alone_or_everything(tiny_bert):
+    model = BertForSequenceClassification.from_pretrained(tiny_bert)
+    runner._baseline("head-only")(model, ["classifier"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+    runner._baseline("full")(model, ["classifier"])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_held_out_loss_is_the_token_weighted_next_token_loss(tiny_llama, monkeypatch):
+    articles = ["the cat sat on the mat and looked at the door", "rain fell", "a longer text " * 20]
+    monkeypatch.setattr(forgetting, "held_out_articles", lambda count: articles[:count])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    loss, tokens = forgetting.language_model_loss(model, tokenizer, "cpu", 3)
+    total, counted = 0.0, 0
+    for text in articles:  # one at a time, no padding: transformers' own loss is the mean over n - 1 predictions
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][: forgetting.TOKENS]])
+        with torch.no_grad():
+            total += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        counted += ids.shape[1] - 1
+    assert tokens == counted and loss == pytest.approx(total / counted, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data") / "colours.csv"
+    generator = torch.Generator().manual_seed(0)
+    words = {"red": "apple cherry blood rose fire", "blue": "sea sky ice whale jeans"}
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for label, vocabulary in words.items():
+            for i in range(40):
+                picks = torch.randint(0, 5, (6,), generator=generator).tolist()
+                writer.writerow([" ".join(vocabulary.split()[p] for p in picks) + f" {i}", label])
+    return data
+
+
+def test_a_grid_part_trains_every_rate_and_seed_and_chooses_on_their_mean(tiny_bert, colours, tmp_path):
+    variants = [Variant("lora", "LoRA", "lora", budget=512), Variant("lotr", "LoTR", "lotr", budget=512),
+                Variant("head-only", "head only", "head-only", learning_rates=(1e-2,), search_seeds=(0,)),
+                Variant("full", "full", "full", learning_rates=(1e-4,), search_seeds=(0,))]
+    part = Part("grid", "power", str(tiny_bert), str(colours), max_train=32, max_eval=12, max_length=16, batch_size=8,
+                learning_rates=(1e-3, 3e-2), seeds=(0, 1), variants=variants, steps=6, search_seeds=(0, 1))
+    out = tmp_path / "study"
+    runner.run_study([part], ["grid"], out, quiet=True, say=lambda text: None)
+    folder = out / "grid"
+    search = json.loads((folder / "search.json").read_text())["learning_rates"]
+    for name in ("lora", "lotr"):
+        rank = search[name]["rank"]
+        records = {(lr, seed): json.loads((folder / f"{name}-r{rank}-lr{lr:g}-s{seed}.json").read_text())
+                   for lr in part.learning_rates for seed in part.seeds}
+        assert all(set(r["metrics"]) == {"validation", "test"} and r["steps"] == 6 for r in records.values())
+        means = {lr: statistics.fmean(records[lr, s]["metrics"]["validation"]["average"]["accuracy"]
+                                      for s in part.seeds) for lr in part.learning_rates}
+        assert search[name]["chosen"] == max(part.learning_rates, key=lambda lr: means[lr])
+        assert search[name]["seeds"] == [0, 1] and records[1e-3, 0]["budget"] == 512
+    head = json.loads((folder / "head-only-lr0.01-s1.json").read_text())  # seed 1 at the rate seed 0 chose
+    assert head["trainable_parameters"]["adapter"] == 0 and set(head["metrics"]) == {"test"}
+    full = json.loads((folder / "full-lr0.0001-s0.json").read_text())
+    encoder = sum(p.numel() for n, p in BertForSequenceClassification.from_pretrained(tiny_bert).named_parameters()
+                  if not n.startswith("classifier"))
+    assert full["trainable_parameters"]["adapter"] == encoder
+    summary = write_summary(out).read_text()
+    assert "Δ accuracy vs LoRA, points [95 % CI]" in summary and "| head only |" in summary
+    assert (out / "grid-rates.png").is_file() and (out / "grid-paired.png").is_file()
+
+
+def test_a_part_not_started_may_change(tiny_bert, colours, tmp_path):
+    variants = [Variant("lora", "LoRA", "lora", (1,))]
+    first = Part("first", "parameter-efficiency", str(tiny_bert), str(colours), max_train=16, max_eval=8, max_length=16,
+                 batch_size=8, learning_rates=(1e-3,), seeds=(0,), variants=variants)
+    second = Part(**{**first.__dict__, "name": "second"})
+    out = tmp_path / "study"
+    runner.run_study([first, second], ["first"], out, quiet=True, say=lambda text: None)
+    changed = Part(**{**second.__dict__, "seeds": (0, 1)})
+    runner.run_study([first, changed], ["first"], out, quiet=True, say=lambda text: None)  # not started: welcome
+    recorded = json.loads((out / runner.PLAN_FILE).read_text())["parts"]
+    assert recorded[1]["seeds"] == [0, 1]
+    with pytest.raises(ValueError, match="another study plan"):
+        runner.run_study([Part(**{**first.__dict__, "max_train": 8}), changed], ["first"], out, quiet=True,
+                         say=lambda text: None)
+
+

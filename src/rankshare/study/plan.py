@@ -25,6 +25,8 @@ class Variant:
     options: dict = field(default_factory=dict)  # the method's own options (its config's fields)
     learning_rates: tuple[float, ...] = ()  # its own grid instead of the part's
     search_seeds: tuple[int, ...] | None = None  # the seeds whose mean validation accuracy chooses its rate
+    basis_data: str | None = None  # cores only, on the factors of a LoTR run trained (seed 0) on this data
+    basis_lr: float | None = None  # that run's learning rate
 
 
 @dataclass
@@ -109,6 +111,8 @@ def full_plan() -> list[Part]:
              **{**minilm, "learning_rates": (3e-3,)}),
         power_part(),
         deep_part(),
+        downstream_part("news", "sentiment"),
+        downstream_part("sentiment", "news"),
         multitask_part(),
     ]
 
@@ -168,6 +172,24 @@ def deep_part() -> Part:
     return Part("deep-smollm2-sentiment", "parameter-efficiency", model="smollm2", data="sentiment", max_train=2400,
                 max_eval=500, max_length=48, batch_size=8, learning_rates=DEEP_RATES, seeds=(0, 1, 2),
                 variants=variants, steps=300, search_steps=100, forgetting=64)
+
+
+def downstream_part(target: str, source: str) -> Part:
+    """Part 3: what one more task costs. Cores alone (12 r² parameters) on a LoTR basis trained on the other task,
+    or on the frozen Tucker basis of the pretrained weights, against LoRA r = 1 and a whole LoTR trained on the task.
+    Part 1's schedule; rates chosen on validation at seed 0."""
+    lotr = {"share": "by_name"}
+    variants = [
+        Variant("lora", "LoRA r=1 (PEFT)", "lora", (1,)),
+        Variant("lotr", "LoTR trained on the task", "lotr", (16,), options=lotr),
+        Variant(f"cores-on-{source}", f"cores only, on a LoTR basis trained on {source}", "lotr", (16,), options=lotr,
+                basis_data=source, basis_lr=3e-3),
+        Variant("cores-on-tucker", "cores only, on the frozen Tucker basis", "lotr", (16,),
+                options={"init": "tucker", "freeze_factors": True}),
+    ]
+    return Part(f"downstream-minilm-{target}", "downstream", model="minilm", data=target, max_train=1920,
+                max_eval=500, max_length=48, batch_size=16, learning_rates=(3e-3, 1e-2), seeds=(0, 1, 2),
+                variants=variants, steps=480)
 
 
 # On SmolLM2's query and value projections: 691,200 = LoRA r = 12, where MoR N = 4 has r = 8 and N = 8 r = 4 (its

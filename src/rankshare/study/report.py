@@ -384,9 +384,9 @@ def paired_figure(part: Part, runs: dict[str, list[dict]]):
     return figure
 
 
-def generative_section(part: Part, runs: dict[str, list[dict]]) -> tuple[str, dict]:
-    """A SmolLM2 part (2 or 4): per variant and rank, the test scores per task, the paired difference against
-    LoRA (at its smallest rank), the forgetting measure, and the zero-shot floor."""
+def comparison_section(part: Part, runs: dict[str, list[dict]]) -> tuple[str, dict]:
+    """A part of the powered study past the first (2, 3, 4): per variant and rank, the test scores per task, the
+    paired difference against LoRA (at its smallest rank), the forgetting measure, and the zero-shot floor."""
     baseline = next((v for v in part.variants if v.method == "lora"), None)
     reference = sorted(runs[baseline.name], key=lambda r: r["rank"]) if baseline else []
     reference = [r for r in reference if r["rank"] == reference[0]["rank"]] if reference else []
@@ -406,7 +406,8 @@ def generative_section(part: Part, runs: dict[str, list[dict]]) -> tuple[str, di
             same = group is reference or (reference and group[0] is reference[0])
             cells.append("—" if same or variant.method == "zero-shot" else _ci(paired_difference(group, reference)))
             change = [r["forgetting"]["change"] for r in group if "forgetting" in r]
-            cells.append(f"{mean_std(change)[0]:+.3f} ± {mean_std(change)[1]:.3f}" if change else "—")
+            if part.forgetting:
+                cells.append(f"{mean_std(change)[0]:+.3f} ± {mean_std(change)[1]:.3f}" if change else "—")
             spread = [d for r in group if r.get("router_layers") for d in [specialisation(r["router_layers"])]
                       if d is not None]
             if tasks:
@@ -416,16 +417,17 @@ def generative_section(part: Part, runs: dict[str, list[dict]]) -> tuple[str, di
     score = "exact match" if part.data == "skills" else "accuracy"
     against = f"LoRA r={reference[0]['rank']}" if reference else "LoRA"
     header = ["variant", "rank", "trainable params", "rate"] + [f"{t} %" for t in tasks]
-    header += [f"test {score} %", f"Δ vs {against}, points [95 % CI]", "Δ held-out loss (nats)"]
+    header += [f"test {score} %", f"Δ vs {against}, points [95 % CI]"]
+    header += ["Δ held-out loss (nats)"] if part.forgetting else []
     header += ["router specialisation"] if tasks else []
     header += ["seeds"]
-    images = {f"{part.name}.png": generative_figure(part, runs, score)}
+    images = {f"{part.name}.png": comparison_figure(part, runs, score)}
     if tasks:
         images[f"{part.name}-routing-by-layer.png"] = routing_figure(part, runs)
     return _table(header, rows), {name: image for name, image in images.items() if image is not None}
 
 
-def generative_figure(part: Part, runs: dict[str, list[dict]], score: str):
+def comparison_figure(part: Part, runs: dict[str, list[dict]], score: str):
     """Test score against trainable parameters (log scale), mean ± std over seeds; zero-shot as a line."""
     from matplotlib.ticker import FuncFormatter
 
@@ -447,7 +449,8 @@ def generative_figure(part: Part, runs: dict[str, list[dict]], score: str):
         axes.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", capsize=4,
                       color=f"C{i}", label=variant.label, linestyle="-" if len(xs) > 1 else "none")
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: compact(value)))
-    axes.set_xlabel("trainable adapter parameters (log scale)")
+    axes.set_xlabel("trainable adapter parameters (log scale)" + (", per added task" if part.claim == "downstream"
+                                                                  else ""))
     axes.set_ylabel(f"test {score} (%), mean ± std over seeds")
     axes.set_title(f"{part.model} on {part.data}, {part.steps} steps of {part.batch_size}")
     axes.grid(True, which="both", alpha=0.3)
@@ -524,9 +527,10 @@ def write_summary(out: Path) -> Path:
         images = {}
         if part.claim == "power":
             table, images = power_section(part, search, records)
-        elif part.model == "smollm2" and part.steps:
-            table, images = generative_section(part, runs)
-            generative.append((part, runs))
+        elif part.steps:  # the parts of the powered study
+            table, images = comparison_section(part, runs)
+            if part.forgetting:
+                generative.append((part, runs))
         elif part.claim == "parameter-efficiency":
             table, images[f"{part.name}.png"] = lotr_section(part, runs)
         else:

@@ -14,7 +14,7 @@ import platform
 import shutil
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -24,10 +24,10 @@ from ..config import AdapterConfig, ExternalAdapterConfig, method_class
 from ..errors import RankshareError
 from ..finetune.budget import closest_rank
 from ..finetune.evaluation import evaluate
-from ..finetune.jobs import Job
+from ..finetune.jobs import BASIS_ADAPTER, Job, job_on_basis
 from ..finetune.models import head_modules
 from ..finetune.run_folder import write_json
-from ..finetune.running import Workspace, fit
+from ..finetune.running import Workspace, fit, run_method
 from ..finetune.train import Settings, attach_adapter, versions
 from .forgetting import forgetting
 from .plan import BASELINES, Part, Variant, part_from_dict, rates, search_rank, search_seeds
@@ -35,6 +35,7 @@ from .plan import BASELINES, Part, Variant, part_from_dict, rates, search_rank, 
 PLAN_FILE = "plan.json"
 SEARCH_FILE = "search.json"
 CHECKPOINTS = ".checkpoints"
+BASES = ".bases"  # the trained bases of cores-only variants (their records are kept in <part>/basis/)
 
 
 def run_study(parts: list[Part], names: list[str], out: Path, quiet: bool, say) -> None:
@@ -90,6 +91,8 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
     folder = out / part.name
     folder.mkdir(parents=True, exist_ok=True)
     ranks = {v.name: variant_ranks(v, space) for v in part.variants}
+    spaces = {v.name: space if v.basis_data is None else basis_space(part, v, ranks[v.name][0], out, quiet, say)
+              for v in part.variants}
     searched = [v for v in part.variants if not v.lr_from and v.method != "zero-shot"]
     scores: dict[str, dict[float, list[float]]] = {v.name: {lr: [] for lr in rates(part, v)} for v in searched}
     # Seed by seed, so that a study stopped early holds whole seeds of every variant and rate.
@@ -99,7 +102,7 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
             for lr in rates(part, variant):
                 # Short search runs are scored on validation alone; a grid's runs are the final ones as well.
                 splits = ("validation",) if part.search_steps else ("validation", "test")
-                record = run_once(space, part, variant, rank, lr, seed, splits, out, say,
+                record = run_once(spaces[variant.name], part, variant, rank, lr, seed, splits, out, say,
                                   search=part.search_steps is not None)
                 scores[variant.name][lr].append(headline(record["metrics"]["validation"]))
     chosen, search = {}, {}
@@ -123,7 +126,7 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
                 continue
             lr = chosen[variant.lr_from or variant.name]
             for rank in ranks[variant.name]:
-                run_once(space, part, variant, rank, lr, seed, ("test",), out, say)
+                run_once(spaces[variant.name], part, variant, rank, lr, seed, ("test",), out, say)
 
 
 def headline(split_metrics: dict) -> float:
@@ -138,7 +141,29 @@ def plain(part: Part) -> dict:
 
 
 def variant_config(variant: Variant, rank: int, targets) -> AdapterConfig:
-    return method_class(variant.method)(rank=rank, target_modules=targets, **variant.options)
+    config = method_class(variant.method)(rank=rank, target_modules=targets, **variant.options)
+    return config.on_basis(BASIS_ADAPTER) if variant.basis_data else config
+
+
+def basis_space(part: Part, variant: Variant, rank: int, out: Path, quiet: bool, say) -> Workspace:
+    """The workspace of a variant whose adapters train only their cores, on the factors of a LoTR run on another
+    task: that run is trained first (seed 0, the part's schedule), once, and its record kept in ``<part>/basis/``."""
+    name = f"{variant.basis_data}-{variant.method}-r{rank}-lr{variant.basis_lr:g}"
+    folder = out / BASES / part.name / name
+    settings = {"seed": 0, "lr": variant.basis_lr, "batch_size": part.batch_size, "max_steps": part.steps,
+                "epochs": math.ceil(part.steps * part.batch_size / part.max_train) if part.steps else 1}
+    job = Job(methods=[variant.method], model=part.model, data=variant.basis_data, max_train=part.max_train,
+              max_eval=part.max_eval, max_length=part.max_length, settings=settings)
+    if not (folder / "metrics.json").is_file():
+        source = Workspace(job, quiet)
+        _initialise_head(source, 0)
+        config = method_class(variant.method)(rank=rank, target_modules=source.targets, **variant.options)
+        record = run_method(source, config, folder)
+        record.update(part=part.name, variant=f"basis for {variant.name}")
+        (out / part.name / "basis").mkdir(parents=True, exist_ok=True)
+        write_json(out / part.name / "basis" / f"{name}.json", record)
+        say(f"{part.name} basis {name}: test {headline(record['metrics']['test']):.3f}")
+    return Workspace(job_on_basis(replace(job, data=part.data), str(folder)), quiet)
 
 
 def variant_ranks(variant: Variant, space: Workspace) -> list[int]:

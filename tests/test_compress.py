@@ -234,3 +234,136 @@ def test_a_folder_lotr_cannot_reproduce_is_refused_and_the_base_model_kept(bert_
     assert all(p.requires_grad for p in base.parameters())
     after = base.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[key], before[key]) for key in before)
+
+
+# -- many LoRAs, one basis (compress_loras) ---------------------------------------------------------------------
+
+def loras_on_one_basis(family, root: Path, ranks=(3, 2, 1), basis_rank: int = 2) -> dict[str, peft.PeftModel]:
+    """One PEFT LoRA per task, ranks ``ranks``, whose updates all lie on one rank-``basis_rank`` basis per group:
+    B_{t,l} = U M_{t,l} and A_{t,l} = N_{t,l} Vᵀ, with U and V shared by the group's layers and by every task."""
+    loras, bases = {}, {}
+    generator = torch.Generator().manual_seed(5)
+    for task, rank in zip(("add", "sort", "count"), ranks):
+        lora = peft_lora(family, root / task, rank=rank, seed=len(loras) + 1)
+        layers = lora_layers(lora)
+        shapes = {name: tuple(peft_update(layer).shape) for name, layer in layers.items()}
+        with torch.no_grad():
+            for key, names in group_targets(shapes, "by_name").items():
+                d_out, d_in = shapes[names[0]]
+                U, V = bases.setdefault(key, (torch.randn(d_out, basis_rank, generator=generator),
+                                              torch.randn(d_in, basis_rank, generator=generator)))
+                for name in names:
+                    layers[name].lora_B["default"].weight.copy_(0.3 * U @ torch.randn(basis_rank, rank,
+                                                                                      generator=generator))
+                    layers[name].lora_A["default"].weight.copy_(0.3 * torch.randn(rank, basis_rank,
+                                                                                  generator=generator) @ V.T)
+        lora.save_pretrained(root / task)
+        loras[task] = lora
+    return loras
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gpt2", "bert"])
+def test_loras_on_one_basis_come_back_exactly_and_serve_together(tmp_path, family_name):
+    family = FAMILIES[family_name]
+    loras = loras_on_one_basis(family, tmp_path)
+    model, report = rs.compress_loras(base_model(family), {task: tmp_path / task for task in loras}, rank=2)
+    assert sorted(model.adapter_configs) == ["add", "basis", "count", "sort"]
+    assert all(model.basis_of(task) == "basis" for task in loras)
+    for task, lora in loras.items():
+        model.set_adapter(task)
+        assert_outputs_equal(model, lora, family)
+        assert report.task_errors[task] < 1e-6 and all(error < 1e-6 for error in report.errors[task].values())
+
+    # Counts: the basis holds r (d_in + d_out) per group; a task its L r² cores and its head; a LoRA r_t (d_in + d_out)
+    # per module and the same head.
+    shapes = {name: tuple(peft_update(layer).shape) for name, layer in lora_layers(loras["add"]).items()}
+    groups = group_targets(shapes, "by_name")
+    head = {task: sum(p.numel() for name, p in lora.named_parameters() if "modules_to_save.default" in name)
+            for task, lora in loras.items()}
+    assert report.basis_parameters == sum(2 * sum(shapes[names[0]]) for names in groups.values())
+    for task, rank in zip(("add", "sort", "count"), (3, 2, 1)):
+        assert report.task_parameters[task] == len(shapes) * 2**2 + head[task]
+        assert report.lora_parameters[task] == sum(rank * sum(shape) for shape in shapes.values()) + head[task]
+    assert report.parameter_ratio == pytest.approx(report.total_parameters / sum(report.lora_parameters.values()))
+
+    # One mixed batch: each row as its task alone.
+    inputs = family.inputs()
+    rows = inputs[next(iter(inputs))].shape[0]
+    names = [("add", "sort", "count")[i % 3] for i in range(rows)]
+    with torch.no_grad():
+        mixed = run(model, {**inputs, "adapter_names": names})
+        for task in loras:
+            model.set_adapter(task)
+            alone = run(model, inputs)
+            chosen = [i for i, name in enumerate(names) if name == task]
+            torch.testing.assert_close(mixed[chosen], alone[chosen], rtol=1e-5, atol=1e-5)
+
+
+def test_a_lower_rank_is_approximate_and_its_error_never_grows_with_rank(tmp_path):
+    loras = {task: peft_lora(LLAMA, tmp_path / task, rank=2, seed=seed) for seed, task in enumerate(("a", "b"), 1)}
+    folders = {task: tmp_path / task for task in loras}
+    errors = []
+    for rank in (1, 2, 4, 8, 12):  # 2 tasks x 3 layers x rank 2 = 12 holds every update of a group
+        model, report = rs.compress_loras(base_model(LLAMA), folders, rank=rank)
+        errors.append(report.task_errors)
+        for task, lora in loras.items():
+            model.set_adapter(task)
+            peft_layers = lora_layers(lora)
+            for key, modules in report.groups.items():
+                residual = sum(float((peft_update(peft_layers[n]) - lotr_update(model.adapter_layers()[n])).square()
+                                     .sum()) for n in modules)
+                energy = sum(float(peft_update(peft_layers[n]).square().sum()) for n in modules)
+                assert report.errors[task][key] == pytest.approx(math.sqrt(residual / energy), abs=1e-5)
+    for task in loras:
+        by_rank = [e[task] for e in errors]
+        assert by_rank[0] > 0.3 and by_rank[-1] < 1e-6, by_rank
+        assert all(later <= earlier + 1e-9 for earlier, later in zip(by_rank, by_rank[1:])), by_rank
+
+
+def test_compress_lora_is_compress_loras_with_one_task(tmp_path):
+    peft_lora(LLAMA, tmp_path / "only", rank=2)
+    single, report = rs.compress_lora(base_model(LLAMA), tmp_path / "only", rank=3)
+    joint, joint_report = rs.compress_loras(base_model(LLAMA), {"only": tmp_path / "only"}, rank=3)
+    for key, fit in report.items():
+        assert fit.relative_error == pytest.approx(joint_report.errors["only"][key], abs=1e-9)
+        torch.testing.assert_close(single.shared["default"][key].left, joint.shared["basis"][key].left)
+    with torch.no_grad():
+        torch.testing.assert_close(run(single, LLAMA.inputs()), run(joint, LLAMA.inputs()), rtol=1e-5, atol=1e-5)
+
+
+def other_targets(folder: Path) -> None:
+    edit_tensors(folder, lambda t: [t.pop(k) for k in [k for k in t if ".value.lora_" in k]])
+    edit_config(folder, target_modules=["query"])
+
+
+MANY_REFUSALS = {
+    "other target modules": (other_targets, "LoRA 'second' .* adapts other modules than LoRA 'first'"),
+    "another base model": (lambda f: edit_config(f, base_model_name_or_path="someone/other-bert"),
+                           "LoRA 'second' .* trained on 'someone/other-bert'"),
+    "DoRA": (lambda f: peft_lora(BERT, f, use_dora=True), "LoRA 'second': .*use_dora=True"),
+    "a task named as the basis": (None, "name of the basis adapter"),
+    "a task named as a module attribute": (None, "attribute of torch modules"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANY_REFUSALS))
+def test_loras_that_cannot_share_a_basis_are_refused_and_the_base_model_kept(bert_lora, tmp_path, case):
+    spoil, message = MANY_REFUSALS[case]
+    for task in ("first", "second"):
+        shutil.copytree(bert_lora, tmp_path / task)
+    edit_config(tmp_path / "first", base_model_name_or_path="someone/bert")
+    edit_config(tmp_path / "second", base_model_name_or_path="someone/bert")
+    if spoil:
+        spoil(tmp_path / "second")
+    folders = {"first": tmp_path / "first", "second": tmp_path / "second"}
+    if case == "a task named as the basis":
+        folders = {"basis": tmp_path / "first", "second": tmp_path / "second"}
+    elif case == "a task named as a module attribute":
+        folders = {"first": tmp_path / "first", "train": tmp_path / "second"}
+    base = base_model(BERT)
+    before = {key: tensor.clone() for key, tensor in base.state_dict().items()}
+    with pytest.raises(rs.RankshareError, match=message):
+        rs.compress_loras(base, folders, rank=2)
+    assert not any(isinstance(module, (rs.AdaptedLinear, rs.SavedModule)) for module in base.modules())
+    after = base.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[key], before[key]) for key in before)

@@ -15,13 +15,15 @@ from .lotr import LotrConfig, LotrGroup, LotrLayer
 from .mor import MorConfig, MorLayer
 from .moelora import MoeLoraConfig, MoeLoraLayer
 # isort: on
-from .compress import GroupFit, compress_lora  # below the methods: it imports lotr, which would register first
+# below the methods: compress imports lotr, which would register first
+from .compress import CompressionReport, GroupFit, compress_lora, compress_loras
 
 __all__ = [
     "AdaptedLinear",
     "AdaptedModel",
     "AdapterConfig",
     "AdapterLayer",
+    "CompressionReport",
     "ExternalAdapterConfig",
     "GroupFit",
     "LotrConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "__version__",
     "adapt",
     "compress_lora",
+    "compress_loras",
     "export_peft",
     "methods",
     "register",

@@ -22,6 +22,10 @@ unfoldings have rank ≤ Σ_l r_l, so r = Σ_l r_l (≤ d) reproduces the LoRA e
 
 The LoTR adapter has scale s = 1 (alpha = r): the cores carry the LoRA scales. Parameters per group: LoRA
 ``Σ_l r_l (d_in + d_out)``, LoTR ``r (d_in + d_out) + L r²``.
+
+Many LoRAs (``compress_loras``): the k adapters' k·L updates of a group are one tensor ``d_out × kL × d_in``, fitted
+as above with one U and V for all of them; task t's cores are ``G_{t,l} = Uᵀ ΔW_{t,l} V``. ``compress_lora`` is the
+case k = 1, whose adapter keeps U and V as its own.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,7 +45,7 @@ from .errors import RankshareError
 from .export import PEFT_PREFIX
 from .layer import is_supported, linear_shape
 from .lotr import LotrConfig
-from .model import AdaptedModel, adapt
+from .model import AdaptedModel, adapt, check_adapter_name
 from .targets import find_targets, group_targets, matches, model_modules
 
 MAX_SWEEPS = 20
@@ -86,6 +90,48 @@ class LoraUpdate(NamedTuple):
     B: torch.Tensor  # (d_out, r_l)
 
 
+@dataclass(frozen=True)
+class CompressionReport:
+    """How ``compress_loras`` reproduces k LoRAs with one basis.
+
+    Relative errors as ``GroupFit``'s: ``errors[task][group]`` over the task's updates in one group, and
+    ``task_errors[task]`` over all of them. Parameter counts are trainable ones: the basis's factors, each task's
+    cores and head (``modules_to_save``), and each LoRA's factors and the same head.
+    """
+
+    groups: dict[str, tuple[str, ...]]  # group key -> its modules
+    errors: dict[str, dict[str, float]]
+    task_errors: dict[str, float]
+    basis_parameters: int  # Σ_groups r (d_in + d_out)
+    task_parameters: dict[str, int]  # Σ_groups L r², plus the head
+    lora_parameters: dict[str, int]  # Σ_l r_l (d_in + d_out), plus the head
+
+    @property
+    def total_parameters(self) -> int:
+        return self.basis_parameters + sum(self.task_parameters.values())
+
+    @property
+    def parameter_ratio(self) -> float:
+        """The compressed adapters' parameters per parameter of the k LoRAs (below 1: smaller)."""
+        return self.total_parameters / sum(self.lora_parameters.values())
+
+
+class _Lora(NamedTuple):
+    """One PEFT LoRA folder, read and checked against the base model."""
+
+    directory: Path
+    config: dict
+    updates: dict[str, LoraUpdate]
+    saved_tensors: dict[str, torch.Tensor]  # names as in the base model
+    saved_modules: list[str]
+
+
+class _Fitted(NamedTuple):
+    lotr: LotrConfig  # the adapter the fit fills (no basis, no freezing)
+    groups: dict[str, list[str]]
+    fits: dict[str, TuckerFit]  # per group, over [(task, module) for task in tasks for module in the group]
+
+
 def compress_lora(base_model: nn.Module, peft_directory: str | Path, rank: int,
                   share: str = "by_name") -> tuple[AdaptedModel, dict[str, GroupFit]]:
     """``base_model`` with a LoTR adapter of rank ``rank`` fitted to the PEFT LoRA adapter in ``peft_directory``.
@@ -93,7 +139,8 @@ def compress_lora(base_model: nn.Module, peft_directory: str | Path, rank: int,
     ``peft_directory`` holds PEFT's ``adapter_config.json`` and ``adapter_model.safetensors``. The modules LoRA
     adapts are grouped as LoTR groups them (``share``, see ``LotrConfig``), each group is fitted as the module
     docstring says, and the modules PEFT saved whole (``modules_to_save``, e.g. a classifier) are copied. The result
-    is an ordinary trainable LoTR adapter named ``"default"`` (``save_pretrained`` writes it).
+    is an ordinary trainable LoTR adapter named ``"default"`` (``save_pretrained`` writes it). It is
+    ``compress_loras`` with one LoRA, whose adapter keeps the factors as its own.
 
     Returns ``(model, report)``: ``report`` maps each group's key (as in ``model.shared["default"]``) to its
     ``GroupFit`` (relative error, LoRA and LoTR parameter counts and their ratio)::
@@ -106,14 +153,117 @@ def compress_lora(base_model: nn.Module, peft_directory: str | Path, rank: int,
     in another shape, a rank above a group's min(d_out, d_in)) raises RankshareError, and ``base_model`` is left
     as it was.
     """
-    directory = Path(peft_directory)
+    lora = _read_lora(base_model, Path(peft_directory))
+    fitted = _fit(base_model, {"default": lora}, rank, share)
+    shapes = _shapes(lora)
+    report = {key: GroupFit(modules=tuple(members), relative_error=fitted.fits[key].relative_error(),
+                            lora_parameters=sum(lora.updates[n].A.shape[0] * sum(shapes[n]) for n in members),
+                            lotr_parameters=fitted.lotr.num_trainable_parameters({n: shapes[n] for n in members}))
+              for key, members in fitted.groups.items()}
+    # Everything is checked and fitted; adapt() checks before it changes the model, and the copies cannot fail.
+    model = adapt(base_model, fitted.lotr, modules_to_save=lora.saved_modules or None)
+    _copy_factors(model.shared["default"], fitted)
+    _copy_task(model, "default", fitted, 0, lora)
+    return model, report
+
+
+def compress_loras(base_model: nn.Module, adapters: dict[str, str | Path], rank: int, share: str = "by_name",
+                   basis_name: str = "basis") -> tuple[AdaptedModel, CompressionReport]:
+    """``base_model`` with k PEFT LoRA adapters (``{task name: folder}``) compressed into one shared LoTR basis.
+
+    The model holds adapter ``basis_name`` (the fitted U and V of each group, frozen; no task of its own: its cores
+    are zero) and, per task, a LoTR adapter of that name on it (``LotrConfig(basis=basis_name)``) holding the task's
+    fitted cores and its own copy of the modules its LoRA saved whole (a head). The first task is active; a mixed
+    batch serves several (``model(..., adapter_names=[...])``), and each saves and exports as any adapter on a basis.
+
+    The LoRAs may differ in rank and ``rank_pattern``; they must adapt the same modules of the same base model (as
+    their configs name it). Anything else, or anything ``compress_lora`` refuses, raises one RankshareError that
+    names the adapter, and ``base_model`` is left as it was::
+
+        model, report = rs.compress_loras(base, {"add": "lora-add", "sort": "lora-sort"}, rank=16)
+        print(report.errors["add"], report.parameter_ratio)
+    """
+    if not isinstance(adapters, dict) or not adapters:
+        raise RankshareError("compress_loras takes a dict of task name -> PEFT LoRA folder, with at least one entry.")
+    for name in [basis_name, *adapters]:
+        check_adapter_name(name)
+    if basis_name in adapters:
+        raise RankshareError(f"Task {basis_name!r} has the name of the basis adapter; choose another basis_name.")
+    loras = {}
+    for task, directory in adapters.items():
+        try:
+            loras[task] = _read_lora(base_model, Path(directory))
+        except RankshareError as error:
+            raise RankshareError(f"LoRA {task!r}: {error}") from None
+    _check_alike(loras)
+    fitted = _fit(base_model, loras, rank, share)
+    first = next(iter(loras.values()))
+    shapes = _shapes(first)
+    head = {task: sum(t.numel() for t in lora.saved_tensors.values()) for task, lora in loras.items()}
+    cores = replace(fitted.lotr, basis=basis_name).num_trainable_parameters(shapes)
+    basis_count = fitted.lotr.num_trainable_parameters(shapes) - cores
+    k = len(loras)
+    report = CompressionReport(
+        groups={key: tuple(members) for key, members in fitted.groups.items()},
+        errors={task: {key: fit.relative_error(i, k) for key, fit in fitted.fits.items()}
+                for i, task in enumerate(loras)},
+        task_errors={task: _relative(sum(fit.residual(i, k) for fit in fitted.fits.values()),
+                                     sum(fit.energy(i, k) for fit in fitted.fits.values()))
+                     for i, task in enumerate(loras)},
+        basis_parameters=basis_count, task_parameters={task: cores + head[task] for task in loras},
+        lora_parameters={task: sum(lora.updates[n].A.shape[0] * sum(shapes[n]) for n in lora.updates) + head[task]
+                         for task, lora in loras.items()})
+    # Every input is checked and fitted: from here on nothing can fail.
+    model = AdaptedModel(base_model)
+    model.add_adapter(basis_name, replace(fitted.lotr, freeze_factors=True))
+    _copy_factors(model.shared[basis_name], fitted)
+    for i, (task, lora) in enumerate(loras.items()):
+        model.add_adapter(task, replace(fitted.lotr, basis=basis_name), modules_to_save=lora.saved_modules or None)
+        _copy_task(model, task, fitted, i, lora)
+    model.set_adapter(next(iter(loras)))
+    return model, report
+
+
+def _relative(residual: float, energy: float) -> float:
+    return math.sqrt(residual / energy) if energy > 0 else 0.0
+
+
+def _read_lora(base_model: nn.Module, directory: Path) -> _Lora:
     config, updates, saved_tensors = _read_peft_lora(directory)
     modules = model_modules(base_model)
     _check_modules(updates, modules, directory)
     saved_modules = _check_saved_modules(config.get("modules_to_save") or [], saved_tensors, modules, directory)
+    return _Lora(directory, config, updates, saved_tensors, saved_modules)
 
-    names = [name for name in modules if name in updates]  # model order
-    shapes = {name: (updates[name].B.shape[0], updates[name].A.shape[1]) for name in names}
+
+def _check_alike(loras: dict[str, _Lora]) -> None:
+    """Every LoRA adapts the modules of the first, on the base model its config names."""
+    (first_task, first), *others = loras.items()
+    for task, lora in others:
+        if set(lora.updates) != set(first.updates):
+            missing = sorted(set(first.updates) - set(lora.updates))
+            extra = sorted(set(lora.updates) - set(first.updates))
+            raise RankshareError(
+                f"LoRA {task!r} ({lora.directory}) adapts other modules than LoRA {first_task!r}: it lacks "
+                f"{missing[:3]} and adds {extra[:3]}. One basis serves LoRAs of the same target modules; compress "
+                "such LoRAs apart."
+            )
+        named, first_named = (lora.config.get("base_model_name_or_path"), first.config.get("base_model_name_or_path"))
+        if named and first_named and named != first_named:
+            raise RankshareError(f"LoRA {task!r} ({lora.directory}) was trained on {named!r}, LoRA {first_task!r} on "
+                                 f"{first_named!r}; compress LoRAs of one base model together.")
+
+
+def _shapes(lora: _Lora) -> dict[str, tuple[int, int]]:
+    return {name: (update.B.shape[0], update.A.shape[1]) for name, update in lora.updates.items()}
+
+
+def _fit(base_model: nn.Module, loras: dict[str, _Lora], rank: int, share: str) -> _Fitted:
+    """One Tucker-2 fit per group over every LoRA's updates of the group, after the checks that need the model."""
+    first = next(iter(loras.values()))
+    modules = model_modules(base_model)
+    names = [name for name in modules if name in first.updates]  # model order
+    shapes = _shapes(first)
     lotr = LotrConfig(rank=rank, target_modules=names, share=share)  # checks rank and share
     extra = sorted(set(find_targets(base_model, names)) - set(names))
     if extra:
@@ -126,42 +276,64 @@ def compress_lora(base_model: nn.Module, peft_directory: str | Path, rank: int,
         if rank > min(d_out, d_in):
             raise RankshareError(f"Rank {rank} exceeds min(d_out, d_in) = {min(d_out, d_in)} of group {key!r} "
                                  f"({d_out}×{d_in}); choose rank <= {min(d_out, d_in)}.")
+    fits = {key: fit_tucker2([lora.updates[name] for lora in loras.values() for name in members], rank)
+            for key, members in groups.items()}
+    return _Fitted(lotr, groups, fits)
 
-    fits, report = {}, {}
-    for key, members in groups.items():
-        left, right, cores, error = fit_tucker2([updates[name] for name in members], rank)
-        fits[key] = left, right, cores
-        report[key] = GroupFit(
-            modules=tuple(members),
-            relative_error=error,
-            lora_parameters=sum(updates[name].A.shape[0] * sum(shapes[name]) for name in members),
-            lotr_parameters=lotr.num_trainable_parameters({name: shapes[name] for name in members}),
-        )
 
-    # Everything is checked and fitted; adapt() checks before it changes the model, and the copies cannot fail.
-    model = adapt(base_model, lotr, modules_to_save=saved_modules or None)
-    layers, shared, state = model.adapter_layers(), model.shared["default"], model.adapter_state_dict()
+def _copy_factors(shared: nn.ModuleDict, fitted: _Fitted) -> None:
     with torch.no_grad():
-        for key, (left, right, cores) in fits.items():
-            shared[key].left.copy_(left)
-            shared[key].right.copy_(right)
-            for name, core in zip(groups[key], cores):
+        for key, fit in fitted.fits.items():
+            shared[key].left.copy_(fit.left)
+            shared[key].right.copy_(fit.right)
+
+
+def _copy_task(model: AdaptedModel, adapter: str, fitted: _Fitted, task: int, lora: _Lora) -> None:
+    """Adapter ``adapter`` takes task ``task``'s cores (the fits list them task by task) and its saved modules."""
+    layers, state = model.adapter_layers(adapter), model.adapter_state_dict(adapter)
+    with torch.no_grad():
+        for key, members in fitted.groups.items():
+            start = task * len(members)
+            for name, core in zip(members, fitted.fits[key].cores[start : start + len(members)]):
                 layers[name].core.copy_(core)
-        for key, tensor in saved_tensors.items():
+        for key, tensor in lora.saved_tensors.items():
             state[key].copy_(tensor)
-    return model, report
 
 
-def fit_tucker2(updates: list[LoraUpdate], rank: int
-                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], float]:
-    """``U (d_out, r)``, ``V (d_in, r)``, the cores ``G_l (r, r)`` and the relative error of ``ΔW_l ≈ U G_l Vᵀ``,
-    in float64 (the module docstring has the math)."""
+class TuckerFit(NamedTuple):
+    """A Tucker-2 fit of updates ``ΔW_i ≈ U G_i Vᵀ``, in float64."""
+
+    left: torch.Tensor  # U (d_out, r)
+    right: torch.Tensor  # V (d_in, r)
+    cores: list[torch.Tensor]  # G_i (r, r), one per update, in the order given
+    energies: list[float]  # ‖ΔW_i‖²_F
+
+    def _part(self, part: int, parts: int) -> range:
+        size = len(self.cores) // parts
+        return range(part * size, (part + 1) * size)
+
+    def energy(self, part: int = 0, parts: int = 1) -> float:
+        """Σ_i ‖ΔW_i‖² over the updates of ``part`` of ``parts`` equal consecutive parts (all by default)."""
+        return sum(self.energies[i] for i in self._part(part, parts))
+
+    def residual(self, part: int = 0, parts: int = 1) -> float:
+        """Σ_i ‖ΔW_i − U G_i Vᵀ‖² over the same updates: U and V are orthonormal, so each is ‖ΔW_i‖² − ‖G_i‖²."""
+        return sum(max(self.energies[i] - float(self.cores[i].square().sum()), 0.0) for i in self._part(part, parts))
+
+    def relative_error(self, part: int = 0, parts: int = 1) -> float:
+        return _relative(self.residual(part, parts), self.energy(part, parts))
+
+
+def fit_tucker2(updates: list[LoraUpdate], rank: int) -> TuckerFit:
+    """``U (d_out, r)``, ``V (d_in, r)`` and the cores ``G_l (r, r)`` of ``ΔW_l ≈ U G_l Vᵀ``, in float64 (the module
+    docstring has the math)."""
     left = _span([update.B.double() for update in updates], rank)  # (d_out, w): orthonormal, spans every B_l
     right = _span([update.A.double().T for update in updates], rank)  # (d_in, w')
     # In these bases ΔW_l = left (b_l a_l) rightᵀ, the scale folded into b_l; U = left u and V = right v.
     bs = [update.scale * (left.T @ update.B.double()) for update in updates]  # (w, r_l)
     as_ = [update.A.double() @ right for update in updates]  # (r_l, w')
-    energy = sum(float(((b.T @ b) * (a @ a.T)).sum()) for b, a in zip(bs, as_))  # Σ_l ‖ΔW_l‖²
+    energies = [float(((b.T @ b) * (a @ a.T)).sum()) for b, a in zip(bs, as_)]  # ‖ΔW_l‖² = tr((bᵀb)(a aᵀ))
+    energy = sum(energies)
 
     def cores(u: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
         return [(u.T @ b) @ (a @ v) for b, a in zip(bs, as_)]  # G_l = Uᵀ ΔW_l V, (r, r)
@@ -189,7 +361,7 @@ def fit_tucker2(updates: list[LoraUpdate], rank: int
         u, v, previous, best = new_u, new_v, best, new_error
         if previous - best <= MIN_IMPROVEMENT * previous:
             break
-    return left @ u, right @ v, cores(u, v), best
+    return TuckerFit(left @ u, right @ v, cores(u, v), energies)
 
 
 def _span(blocks: list[torch.Tensor], rank: int) -> torch.Tensor:

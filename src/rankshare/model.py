@@ -37,7 +37,7 @@ def adapt(model: nn.Module, config: AdapterConfig, modules_to_save: list[str] | 
     (``ExternalAdapterConfig``, e.g. PEFT's LoRA) is attached by that library, and its model comes back.
     """
     _check_config(config)
-    _check_name(adapter_name)
+    check_adapter_name(adapter_name)
     if isinstance(model, AdaptedModel) or any(isinstance(m, (AdaptedLinear, SavedModule)) for m in model.modules()):
         raise RankshareError("This model already has rankshare adapters; add another with model.add_adapter(name, "
                              "config), or adapt the original base model.")
@@ -159,7 +159,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
         if isinstance(config, ExternalAdapterConfig):
             raise RankshareError(f"{config.title} is attached by another library and cannot live beside rankshare "
                                  "adapters; adapt a fresh base model with it.")
-        _check_name(adapter_name)
+        check_adapter_name(adapter_name)
         if adapter_name in self._adapters:
             raise RankshareError(f"This model already has an adapter named {adapter_name!r}; choose another name, or "
                                  "delete_adapter() it first.")
@@ -469,7 +469,8 @@ class AdaptedModel(AdapterFiles, nn.Module):
         self.shared = nn.ModuleDict()
         return self.base_model
 
-def _check_name(name: str) -> None:
+def check_adapter_name(name: str) -> None:
+    """One clear error for a name that cannot name an adapter."""
     if not isinstance(name, str) or not name or "." in name or name == BASE:
         raise RankshareError(f"An adapter name must be a non-empty string without '.' and not {BASE!r}, got "
                              f"{name!r}.")

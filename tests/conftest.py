@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,22 @@ def tiny_bert(tmp_path_factory) -> Path:
     BertForSequenceClassification(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_model("minilm").path).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def colours(tmp_path_factory) -> Path:
+    """A small classification file: 40 texts of "red" words and 40 of "blue" words (text, label)."""
+    data = tmp_path_factory.mktemp("data") / "colours.csv"
+    generator = torch.Generator().manual_seed(0)
+    words = {"red": "apple cherry blood rose fire", "blue": "sea sky ice whale jeans"}
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for label, vocabulary in words.items():
+            for i in range(40):
+                picks = torch.randint(0, 5, (6,), generator=generator).tolist()
+                writer.writerow([" ".join(vocabulary.split()[p] for p in picks) + f" {i}", label])
+    return data
 
 
 @pytest.fixture(scope="session")

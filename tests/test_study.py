@@ -3,7 +3,6 @@ the statistics of its summary (the study's figures themselves are in docs/RESULT
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 
@@ -89,22 +88,12 @@ def test_summary_statistics():
 
 
 @pytest.fixture(scope="module")
-def tiny_part(tiny_bert, tmp_path_factory) -> Part:
-    data = tmp_path_factory.mktemp("data") / "colours.csv"
-    generator = torch.Generator().manual_seed(0)
-    words = {"red": "apple cherry blood rose fire", "blue": "sea sky ice whale jeans"}
-    with data.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        for label, vocabulary in words.items():
-            for i in range(40):
-                picks = torch.randint(0, 5, (6,), generator=generator).tolist()
-                writer.writerow([" ".join(vocabulary.split()[p] for p in picks) + f" {i}", label])
+def tiny_part(tiny_bert, colours) -> Part:
     variants = [Variant("lora", "LoRA", "lora", (1, 2)),
                 Variant("lotr", "LoTR", "lotr", (2, 4), search_rank=4),
                 Variant("lotr-frozen", "LoTR frozen", "lotr", (4,), lr_from="lotr",
                         options={"init": "tucker", "freeze_factors": True})]
-    return Part("tiny", "parameter-efficiency", str(tiny_bert), str(data), max_train=32, max_eval=12, max_length=16,
+    return Part("tiny", "parameter-efficiency", str(tiny_bert), str(colours), max_train=32, max_eval=12, max_length=16,
                 batch_size=8, learning_rates=(1e-3, 3e-2), seeds=(0, 1), variants=variants, merge_seeds=(1,))
 
 

@@ -3,7 +3,6 @@ held-out loss that measures forgetting, and the statistics of its report."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -125,21 +124,6 @@ def test_held_out_loss_is_the_token_weighted_next_token_loss(tiny_llama, monkeyp
             total += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
         counted += ids.shape[1] - 1
     assert tokens == counted and loss == pytest.approx(total / counted, rel=1e-5)
-
-
-@pytest.fixture(scope="module")
-def colours(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data") / "colours.csv"
-    generator = torch.Generator().manual_seed(0)
-    words = {"red": "apple cherry blood rose fire", "blue": "sea sky ice whale jeans"}
-    with data.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        for label, vocabulary in words.items():
-            for i in range(40):
-                picks = torch.randint(0, 5, (6,), generator=generator).tolist()
-                writer.writerow([" ".join(vocabulary.split()[p] for p in picks) + f" {i}", label])
-    return data
 
 
 def test_a_grid_part_trains_every_rate_and_seed_and_chooses_on_their_mean(tiny_bert, colours, tmp_path):

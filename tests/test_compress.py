@@ -11,6 +11,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
+import transformers
 from peft.tuners.lora import LoraLayer
 
 import rankshare as rs
@@ -203,8 +204,8 @@ REFUSALS = {
     "NaN": (lambda f: edit_tensors(f, lambda t: t[f"{QUERY_0}.lora_A.weight"].fill_(math.nan)), {}, "NaN or inf"),
     "saved head incomplete": (lambda f: edit_tensors(f, lambda t: t.pop("base_model.model.classifier.bias")), {},
                               "missing \\['classifier.bias'\\]"),
-    "head of another shape": (lambda f: edit_tensors(f, lambda t: t.update({
-        "base_model.model.classifier.weight": torch.zeros(5, 32)})), {}, "num_labels"),
+    "head of another width": (lambda f: edit_tensors(f, lambda t: t.update({
+        "base_model.model.classifier.weight": torch.zeros(3, 40)})), {}, "num_labels"),
     "no config": (lambda f: (f / "adapter_config.json").unlink(), {}, "No adapter_config.json"),
     "pickled weights": (lambda f: (f / "adapter_model.safetensors").rename(f / "adapter_model.bin"), {},
                         "adapter_model.bin, a pickle"),
@@ -367,3 +368,27 @@ def test_loras_that_cannot_share_a_basis_are_refused_and_the_base_model_kept(ber
     assert not any(isinstance(module, (rs.AdaptedLinear, rs.SavedModule)) for module in base.modules())
     after = base.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[key], before[key]) for key in before)
+
+
+def test_each_task_keeps_its_own_head_even_over_another_label_set(tmp_path):
+    """News has 5 topics, sentiment 3 classes: one base model serves both, each adapter with its own head."""
+    three = peft_lora(BERT, tmp_path / "three", rank=2, seed=1)
+    bert = base_model(BERT).config.to_dict()
+    bert.pop("id2label"), bert.pop("label2id")
+    torch.manual_seed(0)  # the same encoder as base_model(BERT); a classifier over 5 labels
+    five_labels = transformers.BertForSequenceClassification(transformers.BertConfig(**{**bert, "num_labels": 5}))
+    config = peft.LoraConfig(r=2, lora_alpha=8, target_modules=BERT.targets, modules_to_save=["classifier"])
+    five = peft.get_peft_model(five_labels.eval(), config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in five.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    five.eval().save_pretrained(tmp_path / "five")
+    model, report = rs.compress_loras(base_model(BERT), {"three": tmp_path / "three", "five": tmp_path / "five"},
+                                      rank=12)  # 2 tasks x 3 layers x rank 2: exact
+    for task, lora in (("three", three), ("five", five)):
+        model.set_adapter(task)
+        with torch.no_grad():
+            torch.testing.assert_close(run(model, BERT.inputs()), run(lora, BERT.inputs()), rtol=1e-5, atol=1e-5)
+    assert report.task_parameters["five"] - report.task_parameters["three"] == 2 * (32 + 1)  # two more labels

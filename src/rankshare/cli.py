@@ -246,12 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gates_and_overwrite(export)
     export.set_defaults(run=_run_export)
 
-    compress = commands.add_parser("compress", help="fit a LoTR adapter to a trained LoRA run's updates",
-                                   description="Compress a LoRA run (--method lora) into LoTR: one Tucker-2 basis per "
-                                   "group of layers, fitted to the per-layer updates; prints each group's relative "
-                                   "error and parameters. The result is a run folder that eval, merge and export read.")
-    compress.add_argument("--adapter", type=Path, required=True,
-                          help="a LoRA train run's --out, or a PEFT LoRA adapter folder (then give --model)")
+    compress = commands.add_parser("compress", help="fit LoTR to trained LoRA runs' updates: one, or many into "
+                                   "one shared basis", description="Compress a LoRA run (--method lora) into LoTR: one "
+                                   "Tucker-2 basis per group of layers, fitted to the per-layer updates; prints each "
+                                   "group's relative error and parameters. The result is a run folder that eval, merge "
+                                   "and export read. Several --adapter TASK=RUN are fitted jointly into one basis: per "
+                                   "rank, --out/rank-R/basis and a run per task on it, which predict and generate "
+                                   "serve together in mixed batches.")
+    compress.add_argument("--adapter", type=_run_maybe_named, action="append", required=True, metavar="[TASK=]DIR",
+                          help="a LoRA train run's --out, or a PEFT LoRA adapter folder (then give --model); repeat "
+                          "as TASK=DIR to compress several into one basis")
     compress.add_argument("--model", help="the base model of a PEFT folder: minilm, smollm2, or a model folder")
     compress.add_argument("--rank", type=_ranks, required=True,
                           help="the LoTR rank, or comma-separated ranks for the error-size curve (one folder each)")
@@ -523,17 +527,30 @@ def _run_eval(args) -> None:
 
 
 def _run_compress(args) -> None:
-    from .finetune.convert import compress_run
+    from .finetune.convert import compress_run, compress_runs
     from .finetune.run_folder import check_out
 
     check_out(args.out, args.overwrite)
-    print("| rank | group | LoRA params | LoTR params | LoTR / LoRA | relative error |")
+    (name, adapter), *others = args.adapter
+    if name is None and not others:
+        print("| rank | group | LoRA params | LoTR params | LoTR / LoRA | relative error |")
+        print("| ---: | :--- | ---: | ---: | ---: | ---: |")
+        for rank, folder, report in compress_run(adapter, args.rank, args.out, args.share, args.model):
+            for group, fit in report.items():
+                print(f"| {rank} | {group} | {fit.lora_parameters:,} | {fit.lotr_parameters:,} | "
+                      f"{fit.parameter_ratio:.3f} | {fit.relative_error:.4f} |")
+            print(f"LoTR rank {rank} in {folder}", file=sys.stderr)
+        return
+    print("| rank | task | relative error | LoRA params | params on the basis | ratio |")
     print("| ---: | :--- | ---: | ---: | ---: | ---: |")
-    for rank, folder, report in compress_run(args.adapter, args.rank, args.out, args.share, args.model):
-        for group, fit in report.items():
-            print(f"| {rank} | {group} | {fit.lora_parameters:,} | {fit.lotr_parameters:,} | "
-                  f"{fit.parameter_ratio:.3f} | {fit.relative_error:.4f} |")
-        print(f"LoTR rank {rank} in {folder}", file=sys.stderr)
+    for rank, folder, report in compress_runs(args.adapter, args.rank, args.out, args.share, args.model):
+        for task, error in report.task_errors.items():
+            lora, own = report.lora_parameters[task], report.task_parameters[task]
+            print(f"| {rank} | {task} | {error:.4f} | {lora:,} | {own:,} | {own / lora:.3f} |")
+        loras = sum(report.lora_parameters.values())
+        print(f"| {rank} | all, with the basis ({report.basis_parameters:,}) | | {loras:,} | "
+              f"{report.total_parameters:,} | {report.parameter_ratio:.3f} |")
+        print(f"LoTR rank {rank}: the basis and a run per task in {folder}", file=sys.stderr)
 
 
 def _run_export(args) -> None:

@@ -30,6 +30,7 @@ case k = 1, whose adapter keeps U and V as its own.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -46,6 +47,7 @@ from .export import PEFT_PREFIX
 from .layer import is_supported, linear_shape
 from .lotr import LotrConfig
 from .model import AdaptedModel, adapt, check_adapter_name
+from .pretrained import fit_linear_heads
 from .targets import find_targets, group_targets, matches, model_modules
 
 MAX_SWEEPS = 20
@@ -290,6 +292,7 @@ def _copy_factors(shared: nn.ModuleDict, fitted: _Fitted) -> None:
 
 def _copy_task(model: AdaptedModel, adapter: str, fitted: _Fitted, task: int, lora: _Lora) -> None:
     """Adapter ``adapter`` takes task ``task``'s cores (the fits list them task by task) and its saved modules."""
+    model.fit_saved_heads(adapter, lora.saved_tensors)
     layers, state = model.adapter_layers(adapter), model.adapter_state_dict(adapter)
     with torch.no_grad():
         for key, members in fitted.groups.items():
@@ -492,7 +495,11 @@ def _check_saved_modules(patterns: list[str], tensors: dict[str, torch.Tensor], 
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     found = [name for name in modules if matches(name, patterns)]
     found = [name for name in found if not any(name.startswith(other + ".") for other in found)]
-    expected = {f"{name}.{key}": tensor for name in found for key, tensor in modules[name].state_dict().items()}
+    # Each adapter has its own copy of a saved module: a classification head may have its own number of labels.
+    heads = {name: copy.deepcopy(modules[name]) for name in found}
+    for name, head in heads.items():
+        fit_linear_heads(head, tensors, name)
+    expected = {f"{name}.{key}": tensor for name in found for key, tensor in heads[name].state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise RankshareError(

@@ -86,6 +86,17 @@ class AdapterFiles:
         tensors = persistence.read_weights(directory, record)
         persistence.copy_tensors(self.adapter_state_dict(name), tensors, directory / persistence.WEIGHTS_NAME)
 
+    def fit_saved_heads(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Give adapter ``adapter_name``'s copies of the modules saved whole the output sizes of ``tensors`` (keyed as
+        in the model): its own classification head over its own labels (``fit_linear_heads``)."""
+        slots, adapter = self._saved(), self._adapters[adapter_name]
+        for module in adapter.modules_to_save:
+            if fit_linear_heads(slots[module].copies[adapter_name], tensors, module):
+                present = {id(p) for p in self.parameters()}
+                adapter.trains = [p for p in adapter.trains if id(p) in present]
+                adapter.trains += list(slots[module].copies[adapter_name].parameters())
+                slots[module].copies[adapter_name].requires_grad_(self._active == adapter_name)
+
     def load_adapter(self, directory: str | Path, adapter_name: str, is_trainable: bool = False,
                      basis: str | None = None) -> None:
         """Add the adapter saved in ``directory`` under ``adapter_name`` (not activated: see ``set_adapter``).
@@ -110,13 +121,7 @@ class AdapterFiles:
         active, requires_grad = self._active, {p: p.requires_grad for p in self.parameters()}
         self.add_adapter(adapter_name, config, record["modules_to_save"] or None)
         try:
-            slots, adapter = self._saved(), self._adapters[adapter_name]
-            for module in record["modules_to_save"]:
-                if _fit_linear_heads(slots[module].copies[adapter_name], tensors, module):
-                    present = {id(p) for p in self.parameters()}
-                    adapter.trains = [p for p in adapter.trains if id(p) in present]
-                    adapter.trains += list(slots[module].copies[adapter_name].parameters())
-                    slots[module].copies[adapter_name].requires_grad_(self._active == adapter_name)
+            self.fit_saved_heads(adapter_name, tensors)
             persistence.check_adapted_modules(self._adapters[adapter_name].modules, record["modules"], config_path)
             persistence.copy_tensors(self.adapter_state_dict(adapter_name), tensors,
                                      directory / persistence.WEIGHTS_NAME)
@@ -189,7 +194,7 @@ class AdapterFiles:
         return model
 
 
-def _fit_linear_heads(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> bool:
+def fit_linear_heads(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> bool:
     """Give each nn.Linear in a saved module as many outputs as its stored weight has: a classification head over
     another label set than the base model's (each adapter has its own). Any other difference stays an error.
     Returns whether a layer changed."""

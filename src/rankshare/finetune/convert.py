@@ -18,6 +18,7 @@ import rankshare as rs
 from ..config import AdapterConfig, ExternalAdapterConfig
 from ..errors import RankshareError
 from ..export import PEFT_PREFIX
+from .jobs import BASIS_ADAPTER
 from .models import load_causal_lm, load_classifier, resolve_model
 from .run_folder import load_run, write_json
 from .trained import load_trained, run_base
@@ -109,6 +110,18 @@ def _compress_folder(directory: Path, ranks: list[int], out: Path, share: str, m
     if model is None:
         raise RankshareError(f"--adapter {directory} is a PEFT folder, not a rankshare run: give its base model with "
                              "--model (minilm, smollm2, or a model folder).")
+    fitted = []
+    with _folder_aside(out) as temporary:
+        for rank in ranks:
+            adapted, report = rs.compress_lora(_peft_base(directory, model), directory, rank, share)
+            adapted.save_pretrained(_rank_folder(temporary, rank, ranks))
+            fitted.append((rank, _rank_folder(out, rank, ranks), report))
+    return fitted
+
+
+def _peft_base(directory: Path, model: str):
+    """The base model ``model`` as a PEFT folder's adapter needs it: a classifier over as many labels as its saved
+    head has, or a causal LM."""
     source = resolve_model(model)
     saved = json.loads((directory / "adapter_config.json").read_text()).get("modules_to_save") or []
     heads = [name for name in ("classifier", "score") if name in saved]
@@ -120,13 +133,73 @@ def _compress_folder(directory: Path, ranks: list[int], out: Path, share: str, m
                 raise RankshareError(f"--adapter {directory}: its config saves {heads[0]!r}, but the tensors lack it; "
                                      "save the PEFT adapter again.")
             num_labels = weights.get_slice(key).get_shape()[0]
+    return load_classifier(source, num_labels) if num_labels else load_causal_lm(source)
+
+
+def compress_runs(adapters: list[tuple[str, Path]], ranks: list[int], out: Path, share: str,
+                  model: str | None = None) -> list[tuple[int, Path, rs.CompressionReport]]:
+    """Fit k LoRA runs (``NAME=RUN``) jointly at each of ``ranks`` into one LoTR basis (``rs.compress_loras``).
+
+    Per rank, ``out/rank-R/basis`` is a run folder holding the basis, and ``out/rank-R/NAME`` a run folder per task on
+    that basis, which eval, predict, generate, merge and export read as any run trained with ``--basis``. Bare PEFT
+    folders (with ``model``, their base model) give adapter folders there instead of runs. Returns, per rank, its
+    folder and the fit report."""
+    names = [name for name, _ in adapters]
+    if None in names or len(set(names)) < len(names):
+        raise RankshareError("Several --adapter need a distinct name each: --adapter TASK=RUN (one folder per task).")
+    peft_folders = [(d / "adapter_config.json").is_file() and not (d / "run.json").is_file() for _, d in adapters]
+    if any(peft_folders):
+        if not all(peft_folders):
+            raise RankshareError("Give all --adapter as LoRA runs or all as PEFT folders (with --model), not a mix.")
+        return _compress_folders(adapters, ranks, out, share, model)
+    runs = {}
+    for name, directory in adapters:
+        run, folder = load_run(directory)
+        if not isinstance(AdapterConfig.from_dict(run["settings"]["adapter"]), ExternalAdapterConfig):
+            raise RankshareError(f"--adapter {name}={directory} is a {run['settings']['adapter']['method']} run; "
+                                 "compress takes LoRA runs (--method lora), whose adapters are PEFT's.")
+        runs[name] = run, folder
+    (first, (first_run, _)), *others = runs.items()
+    for name, (run, _) in others:
+        if (run["job"]["model"], run["kind"]) != (first_run["job"]["model"], first_run["kind"]):
+            raise RankshareError(f"--adapter {name} is a {run['kind']} run on {run['job']['model']}, --adapter {first} "
+                                 f"a {first_run['kind']} run on {first_run['job']['model']}; compress runs of one base "
+                                 "model and kind together.")
     fitted = []
     with _folder_aside(out) as temporary:
         for rank in ranks:
-            base = load_classifier(source, num_labels) if num_labels else load_causal_lm(source)
-            adapted, report = rs.compress_lora(base, directory, rank, share)
-            adapted.save_pretrained(_rank_folder(temporary, rank, ranks))
-            fitted.append((rank, _rank_folder(out, rank, ranks), report))
+            model, report = rs.compress_loras(run_base(first_run), {n: f / "adapter" for n, (_, f) in runs.items()},
+                                              rank, share, basis_name=BASIS_ADAPTER)
+            written, final = temporary / f"rank-{rank}", out / f"rank-{rank}"
+            model.save_pretrained(written / "basis" / "adapter", BASIS_ADAPTER)
+            basis_config = model.adapter_configs[BASIS_ADAPTER].to_dict()
+            write_json(written / "basis" / "run.json", {
+                **first_run, "settings": {**first_run["settings"], "adapter": basis_config},
+                "compressed_from": {n: str(d) for n, d in adapters}})
+            fingerprint = model.basis_fingerprint(BASIS_ADAPTER)
+            for name, (run, _) in runs.items():
+                model.save_pretrained(written / name / "adapter", name)
+                settings = {**run["settings"], "adapter": model.adapter_configs[name].to_dict()}
+                write_json(written / name / "run.json", {
+                    **run, "settings": settings, "basis": {"run": str(final / "basis"), "fingerprint": fingerprint},
+                    "compressed_from": str(dict(adapters)[name])})
+            fitted.append((rank, final, report))
+    return fitted
+
+
+def _compress_folders(adapters: list[tuple[str, Path]], ranks: list[int], out: Path, share: str, model: str | None):
+    if model is None:
+        raise RankshareError("--adapter folders that are PEFT's (not rankshare runs) need their base model: give "
+                             "--model (minilm, smollm2, or a model folder).")
+    fitted = []
+    with _folder_aside(out) as temporary:
+        for rank in ranks:
+            compressed, report = rs.compress_loras(_peft_base(adapters[0][1], model),
+                                                   {name: folder for name, folder in adapters}, rank, share,
+                                                   basis_name=BASIS_ADAPTER)
+            for name in [BASIS_ADAPTER, *(name for name, _ in adapters)]:
+                compressed.save_pretrained(temporary / f"rank-{rank}" / name, name)
+            fitted.append((rank, out / f"rank-{rank}", report))
     return fitted
 
 

@@ -201,3 +201,21 @@ def test_randomised_updates_are_a_fixed_share_of_the_weights(tiny_llama):
 def test_unknown_bench_sections_are_refused(tmp_path):
     with pytest.raises(RankshareError, match="Unknown bench section"):
         run_bench(tmp_path, False, 1, sections=("speed",))
+
+
+def test_serving_section_times_the_four_ways_and_counts_the_adapters(tiny_llama, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bench = run_bench(tmp_path / "serving", True, repeats=2, warmup=1, say=lambda text: None, quiet=True,
+                          sections=("serving",), sft_model=str(tiny_llama), sft_options={"new_tokens": 8})
+    finally:
+        torch.set_num_threads(threads)
+    served = bench["serving"]
+    assert served["tasks"] == 8 and served["prompts"] == 8 and len(served["tokens_per_second"]) == 4
+    # (b): 8 LoRAs of rank 8 on q (32 x 32) and v (16 x 32) in 2 layers, float32.
+    assert served["adapter_bytes"]["(b)"] == 4 * 8 * 2 * 8 * ((32 + 32) + (16 + 32))
+    assert served["ratios"]["memory_a_over_b"] == served["adapter_bytes"]["(a)"] / served["adapter_bytes"]["(b)"]
+    assert all(speed > 0 for speed in served["tokens_per_second"].values())
+    text = (tmp_path / "serving" / "bench.md").read_text()
+    assert "## Serving 8 tasks from one base" in text and "(a) ≥ 1.0× (b) in tokens/s" in text

@@ -80,3 +80,21 @@ def test_inputs_that_cannot_be_compressed_together_are_one_line(loras, tmp_path,
         assert cli("compress", *(f"--adapter={a}" for a in adapters), "--rank", 4, "--out", out) == 2
         error = capsys.readouterr().err.strip()
         assert message in error and "\n" not in error and not out.exists()
+
+
+def test_recovery_trains_the_cores_alone(loras, tmp_path):
+    plain, recovered = tmp_path / "plain", tmp_path / "recovered"
+    adapters = [f"--adapter=news={loras['news']}", f"--adapter=sentiment={loras['sentiment']}"]
+    assert cli("compress", *adapters, "--rank", 4, "--out", plain) == 0
+    assert cli("compress", *adapters, "--rank", 4, "--recover-steps", 3, "--quiet", "--out", recovered) == 0
+    for task in ("news", "sentiment"):
+        run = json.loads((recovered / "rank-4" / task / "run.json").read_text())
+        assert run["recovered"]["steps"] == 3
+        assert run["recovered"]["trainable_parameters"]["head"] == 0  # the head stays as the LoRA left it
+        before, *_ = load_trained(plain / "rank-4" / task, "cpu")
+        after, *_ = load_trained(recovered / "rank-4" / task, "cpu")
+        assert before.basis_fingerprint("basis") == after.basis_fingerprint("basis")
+        old, new = before.adapter_state_dict(), after.adapter_state_dict()
+        cores = [key for key in old if key.endswith(".core")]
+        assert cores and all(not torch.equal(old[key], new[key]) for key in cores)
+        assert all(torch.equal(old[key], new[key]) for key in old if key not in cores)

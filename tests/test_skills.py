@@ -167,3 +167,15 @@ def test_load_data_gives_capped_instruction_splits():
         assert counts == [50, 10, 10], task
     # The training set is shuffled across the tasks, not one task after another.
     assert len({e.task for e in splits.train[:40]}) >= 5
+
+
+def test_some_tasks_of_the_skills_set_are_named_after_a_colon():
+    from rankshare.errors import RankshareError
+    from rankshare.finetune.data import load_data
+
+    whole = load_data("skills", max_train=5, max_eval=3)
+    some = load_data("skills:add+sort", max_train=5, max_eval=3)
+    assert list(some.tasks) == ["add", "sort"]
+    assert some.test == [e for e in whole.test if e.task in ("add", "sort")]
+    with pytest.raises(RankshareError, match="unknown: \\['multiply'\\]"):
+        load_data("skills:add+multiply")

@@ -261,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the LoTR rank, or comma-separated ranks for the error-size curve (one folder each)")
     compress.add_argument("--share", choices=("by_name", "by_shape"), default="by_name",
                           help="LoTR groups (default: %(default)s)")
+    compress.add_argument("--recover-steps", type=_positive_int, help="several LoRA runs: then train each task's "
+                          "cores alone for this many steps on its run's training data (the basis and heads frozen)")
     compress.add_argument("--out", type=Path, required=True, help="the compressed run (or a folder of them)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    compress.add_argument("--quiet", action="store_true", help="no progress bars")
     compress.set_defaults(run=_run_compress)
 
     predict = commands.add_parser("predict", help="predict each row of a file with its task's adapter, several "
@@ -318,8 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "under 30 minutes "
                                 "on 2 CPU cores. Writes bench.json, bench.md and plots.")
     bench.add_argument("--full", action="store_true", help="all models and variants (default: quick)")
-    bench.add_argument("--only", choices=["models", "sft"], help="run one section: models (the tables above), or sft "
-                       "(the SFT step and generation speed on SmolLM2); default: models, and with --full both")
+    bench.add_argument("--only", choices=["models", "sft", "serving"],
+                       help="run one section: models (the tables above), sft (the SFT step and generation speed on "
+                       "SmolLM2), or serving (8 LoRAs compressed into one basis, served in one mixed batch); default: "
+                       "models, and with --full all three")
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed rounds (default: %(default)s)")
     bench.add_argument("--out", type=Path, help="results folder (default: runs/<time>-bench)")
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -541,9 +546,13 @@ def _run_compress(args) -> None:
                       f"{fit.parameter_ratio:.3f} | {fit.relative_error:.4f} |")
             print(f"LoTR rank {rank} in {folder}", file=sys.stderr)
         return
+    if args.recover_steps and any(not (folder / "run.json").is_file() for _, folder in args.adapter):
+        raise RankshareError("--recover-steps trains on each LoRA run's own data: give rankshare LoRA runs, not PEFT "
+                             "folders, or leave it out.")
     print("| rank | task | relative error | LoRA params | params on the basis | ratio |")
     print("| ---: | :--- | ---: | ---: | ---: | ---: |")
-    for rank, folder, report in compress_runs(args.adapter, args.rank, args.out, args.share, args.model):
+    fitted = compress_runs(args.adapter, args.rank, args.out, args.share, args.model)
+    for rank, folder, report in fitted:
         for task, error in report.task_errors.items():
             lora, own = report.lora_parameters[task], report.task_parameters[task]
             print(f"| {rank} | {task} | {error:.4f} | {lora:,} | {own:,} | {own / lora:.3f} |")
@@ -551,6 +560,14 @@ def _run_compress(args) -> None:
         print(f"| {rank} | all, with the basis ({report.basis_parameters:,}) | | {loras:,} | "
               f"{report.total_parameters:,} | {report.parameter_ratio:.3f} |")
         print(f"LoTR rank {rank}: the basis and a run per task in {folder}", file=sys.stderr)
+    if args.recover_steps:
+        from .finetune.running import recover_cores
+
+        for rank, folder, report in fitted:
+            for task in report.task_errors:
+                done = recover_cores(folder / task, args.recover_steps, args.quiet)
+                print(f"rank {rank}, {task}: cores trained {done['steps']} steps ({done['train_seconds']:.0f} s)",
+                      file=sys.stderr)
 
 
 def _run_export(args) -> None:

@@ -3,10 +3,11 @@
 Every variant of a model shares that model's frozen weights and is measured in the same process, round
 after round in rotating order, so that ratios between variants are fair even on a busy machine.
 
-Sections: ``models`` (each model's training variants, forward, memory, files, merged inference, many tasks) and
+Sections: ``models`` (each model's training variants, forward, memory, files, merged inference, many tasks),
 ``sft`` (instruction tuning on a causal LM: the SFT step on a skills batch and greedy generation speed; see
-``sft.py``). The quick bench runs ``models`` on MiniLM alone (an encoder: nothing to generate); the full bench
-runs both, ``sft`` on SmolLM2.
+``sft.py``) and ``serving`` (k LoRAs compressed into one basis, served in one mixed batch; see ``serving.py``).
+The quick bench runs ``models`` on MiniLM alone (an encoder: nothing to generate); the full bench runs all three,
+``sft`` and ``serving`` on SmolLM2.
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ from .measure import (
     training_memory,
 )
 from .report import write_bench_report
+from .serving import serving
 from .setups import Setup, build_variants, causal_setup, packaged_setup, synthetic_setup
 from .sft import NEW_TOKENS, instruction_tuning
 
 RANK, NUM_EXPERTS = 8, 8
-SECTIONS = ("models", "sft")
+SECTIONS = ("models", "sft", "serving")
+# Serving: the rank the k compressed LoRAs share (to be set to the rank that keeps 95 % of the skills LoRAs' exact
+# match once measured; 16 until then).
+SERVING_RANK = 16
 SFT_EXAMPLES, SFT_LENGTH = 8, 128  # one skills example per task, prompt + response within 128 tokens
 
 
@@ -111,7 +116,7 @@ def run_bench(out: Path, full: bool, repeats: int, warmup: int = 2, say=print, q
     started = time.perf_counter()
     results = []
     makers = list(setups(full)) if "models" in sections else []
-    with progress(len(makers) + ("sft" in sections), "bench", "models", quiet) as bar:
+    with progress(len(makers) + ("sft" in sections) + ("serving" in sections), "bench", "models", quiet) as bar:
         for make in makers:
             setup = make()
             results.append(bench_setup(setup, repeats, warmup, full, say))
@@ -119,6 +124,11 @@ def run_bench(out: Path, full: bool, repeats: int, warmup: int = 2, say=print, q
             bar.update()
         if "sft" in sections:
             sft = sft_section(sft_model, repeats, warmup, say, **(sft_options or {}))
+            bar.update()
+        if "serving" in sections:
+            options = {key: value for key, value in (sft_options or {}).items() if key == "new_tokens"}
+            served = serving(causal_setup(sft_model, batch=SFT_EXAMPLES, length=SFT_LENGTH), SERVING_RANK, repeats,
+                             warmup, say=say, **options)
             bar.update()
     bench = {
         "mode": "full" if full else "quick",
@@ -135,6 +145,8 @@ def run_bench(out: Path, full: bool, repeats: int, warmup: int = 2, say=print, q
         bench["parameter_scaling"] = parameter_scaling()
     if "sft" in sections:
         bench["instruction_tuning"] = sft
+    if "serving" in sections:
+        bench["serving"] = served
     bench["wall_seconds"] = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
     replace_file(out / "bench.json", (json.dumps(bench, indent=2) + "\n").encode("utf-8"))

@@ -225,6 +225,28 @@ def scaling_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def serving_section(served: dict) -> str:
+    """Tokens per second of the four ways to serve k tasks, the adapters' memory, and the targets' verdicts."""
+    base = served["tokens_per_second"]["(b) PEFT LoRAs, PEFT mixed batch"]
+    rows = ["| way | generated tokens/s | × (b) | adapter memory |", "| --- | ---: | ---: | ---: |"]
+    memory = {"(a)": served["adapter_bytes"]["(a)"], "(b)": served["adapter_bytes"]["(b)"]}
+    for name, speed in served["tokens_per_second"].items():
+        held = memory.get(name[:3])
+        rows.append(f"| {name} | {speed:.1f} | {speed / base:.2f}× | "
+                    f"{f'{held / 2**20:.2f} MiB' if held is not None else '—'} |")
+    ratios = served["ratios"]
+    verdicts = [
+        f"- (a) ≥ 1.0× (b) in tokens/s: {ratios['a_over_b']:.2f}× — {_verdict(ratios['a_over_b'], 1.0, True)}",
+        f"- (a)'s adapter memory ≤ 0.25× (b)'s at rank {served['rank']}: {ratios['memory_a_over_b']:.3f}× — "
+        f"{_verdict(ratios['memory_a_over_b'], 0.25)}",
+        f"- (a) ≥ 0.8× (d): {ratios['a_over_d']:.2f}× — {_verdict(ratios['a_over_d'], 0.8, True)}",
+    ]
+    intro = (f"{served['prompts']} prompts, one per task, {served['new_tokens']} tokens each, greedy; the "
+             f"{served['tasks']} LoRAs are r = {served['lora_rank']} on q and v, compressed jointly at rank "
+             f"{served['rank']}.")
+    return "\n".join([intro, "", *rows, "", *verdicts])
+
+
 def _sections(bench: dict) -> str:
     sections = bench.get("sections")
     return f" (sections: {', '.join(sections)})" if sections else ""
@@ -262,6 +284,9 @@ def markdown(bench: dict) -> str:
     sft = bench.get("instruction_tuning")
     if sft:
         parts += [f"## Instruction tuning — {sft['description']}", instruction_tuning(sft)]
+    if bench.get("serving"):
+        parts += [f"## Serving {bench['serving']['tasks']} tasks from one base — {bench['serving']['description']}",
+                  serving_section(bench["serving"])]
     if bench.get("parameter_scaling"):
         parts += ["## Trainable parameters as d and L grow (q and v projections, r = 8)",
                   scaling_table(bench["parameter_scaling"])]

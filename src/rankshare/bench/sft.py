@@ -42,12 +42,12 @@ def skills_batch(setup: Setup, seed: int = 0) -> tuple[InstructionTuning, list[I
 
 
 @torch.no_grad()
-def generate_tokens(model, prompts: dict, tokenizer, new_tokens: int) -> torch.Tensor:
+def generate_tokens(model, prompts: dict, tokenizer, new_tokens: int, **options) -> torch.Tensor:
     """Greedy generation of exactly ``new_tokens`` tokens per prompt (B, new_tokens), KV cache on: every token that
-    could end the answer is held back until then."""
+    could end the answer is held back until then. ``options`` go to ``generate`` (e.g. ``adapter_names``)."""
     output = model.generate(**prompts, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                             use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=end_token_ids(tokenizer, model))
+                            eos_token_id=end_token_ids(tokenizer, model), **options)
     return output[:, prompts["input_ids"].shape[1]:]
 
 

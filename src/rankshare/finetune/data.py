@@ -15,7 +15,8 @@ all are integers); a label id is an index into them.
 Each task is then split 80/10/10 into train / validation / test per label, so every split keeps the class
 balance and no text is in two splits. The same seed gives the same splits; another seed gives other splits.
 
-**Instruction data** (``Instruction``): ``skills`` (the generated multi-task set of ``skills.py``), or a file
+**Instruction data** (``Instruction``): ``skills`` (the generated multi-task set of ``skills.py``; ``skills:add`` or
+``skills:add+sort`` for some of its tasks), or a file
 whose rows have a prompt and a response column, or a ``messages`` column (read by ``instructions.py``). Each
 task is split 80/10/10 at random by the seed. Files are read by ``data_files.py``, once each.
 """
@@ -114,10 +115,16 @@ def _resolve(spec: str, text_column: str, label_column: str, seed: int, columns:
             f"No data named; give a built-in name ({', '.join(BUILTIN)}, {SKILLS}), a .csv or .jsonl file, or a hub "
             "name."
         )
-    if spec == SKILLS:
+    if is_skills(spec):
         from .skills import skill_tasks
 
-        return skill_tasks(seed, builtin_splits(seed))
+        tasks = skill_tasks(seed, builtin_splits(seed))
+        chosen = spec.partition(":")[2].split("+") if ":" in spec else list(tasks)
+        unknown = [name for name in chosen if name not in tasks]
+        if unknown or len(set(chosen)) < len(chosen):
+            raise RankshareError(f"--data {spec}: {SKILLS}:TASK names tasks of the skills set, each once, joined by "
+                                 f"'+': {', '.join(tasks)}{f'; unknown: {unknown}' if unknown else ''}.")
+        return {name: tasks[name] for name in chosen}
     names = spec.split("+")
     if all(name in BUILTIN for name in names):
         if len(set(names)) < len(names):
@@ -144,6 +151,11 @@ def _resolve(spec: str, text_column: str, label_column: str, seed: int, columns:
 
 
 # --- built-in corpora ---------------------------------------------------------------------------------------
+
+
+def is_skills(spec: str) -> bool:
+    """``skills``, or some of its tasks (``skills:add+sort``)."""
+    return spec == SKILLS or spec.startswith(SKILLS + ":")
 
 
 def builtin_splits(seed: int) -> dict[str, Split]:

@@ -14,7 +14,7 @@ from ..config import AdapterConfig, method_class, methods
 from ..errors import RankshareError
 from ..targets import target_shapes
 from .budget import plan_all
-from .data import SKILLS, DataSplits, load_data
+from .data import DataSplits, is_skills, load_data
 from .models import ModelSource, default_targets, model_skeleton, resolve_model
 from .objectives import make_objective
 from .run_folder import load_run
@@ -134,7 +134,7 @@ def plan_adapters(job: Job, shapes: dict[str, tuple[int, int]], targets) -> dict
 def dry_run(job: Job) -> dict[str, tuple[AdapterConfig | None, str]]:
     """The plan of ``job`` from the model's architecture alone: no weights, no data, no training."""
     source = resolve_model(job.model)
-    instructions = job.objective == "sft" or job.data == SKILLS  # a file is not read to find out
+    instructions = job.objective == "sft" or is_skills(job.data)  # a file is not read to find out
     skeleton = model_skeleton(source, causal=objective_kind(job, source, instructions) != "classify")
     targets = job.target_modules or default_targets(skeleton)
     return plan_adapters(job, target_shapes(skeleton, targets), targets)

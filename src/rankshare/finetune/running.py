@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -18,16 +20,18 @@ import torch
 from ..checkpointing import enable_checkpointing
 from ..config import AdapterConfig
 from ..errors import RankshareError
+from ..model import AdaptedModel
 from ..targets import target_shapes
 from . import distributed
 from .data import DataSplits
 from .distributed import pick_device
 from .evaluation import evaluate
-from .jobs import BASIS_ADAPTER, Job, job_data, job_objective, objective_kind, plan_adapters
+from .jobs import BASIS_ADAPTER, TASK_ADAPTER, Job, job_data, job_objective, objective_kind, plan_adapters, recorded_job
 from .models import default_targets, head_modules, load_base, load_tokenizer, resolve_model
 from .report import write_report
 from .run_folder import check_out, load_run, write_json
 from .train import Settings, attach_adapter, parameter_counts, peak_memory_mb, train, versions
+from .trained import load_basis
 
 
 class Workspace:
@@ -175,3 +179,32 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
         write_report(out, records)
     distributed.barrier()
     return records
+
+
+def recover_cores(folder: Path, steps: int, quiet: bool) -> dict:
+    """Train the cores of a compressed task run (``compress --adapter TASK=RUN``) for ``steps`` steps on the training
+    data of the LoRA run it came from, at that run's rate and batch size; the basis and the head stay frozen. The
+    adapter is saved again and run.json records what was done (``recovered``)."""
+    run, folder = load_run(folder)
+    job = recorded_job(run)
+    space = Workspace(replace(job, basis=None), quiet)
+
+    def compressed(base, heads):
+        model = AdaptedModel(base)
+        load_basis(model, run, folder, BASIS_ADAPTER)
+        model.load_adapter(folder / "adapter", TASK_ADAPTER, is_trainable=True)
+        model.set_adapter(TASK_ADAPTER)
+        for name in model.modules_to_save:  # the cores alone train
+            model.get_submodule(name).current().requires_grad_(False)
+        return model
+
+    recorded = Settings(adapter=run["settings"]["adapter"], lr=run["settings"]["lr"],
+                        batch_size=run["settings"]["batch_size"], seed=run["settings"].get("seed", 0), max_steps=steps,
+                        epochs=math.ceil(steps * run["settings"]["batch_size"] / max(1, len(space.splits.train))))
+    with tempfile.TemporaryDirectory() as checkpoints:
+        model, record = fit(space, recorded, Path(checkpoints), splits=(), prepare=compressed)
+    model.save_pretrained(str(folder / "adapter"), TASK_ADAPTER)
+    recovered = {"steps": record["steps"], "learning_rate": recorded.learning_rate,
+                 "train_seconds": record["train_seconds"], "trainable_parameters": record["trainable_parameters"]}
+    write_json(folder / "run.json", {**run, "recovered": recovered})
+    return recovered

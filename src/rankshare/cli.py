@@ -332,11 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_run_bench)
 
     study = commands.add_parser("study", help="the evidence study behind docs/RESULTS.md (resumable)",
-                                description="Reproduce LoTR's and MoR's claims: rank sweeps of LoRA and LoTR on MiniLM "
-                                "and SmolLM2, LoRA vs MoR vs MoE-LoRA at one budget on news+sentiment, 3 seeds, "
-                                "learning rates chosen on validation. Full: under 2 hours on 2 CPU cores; --quick: a "
-                                "few minutes. "
-                                "Finished runs are kept in --out and not trained again.")
+                                description="Test LoTR's and MoR's claims (docs/RESULTS.md): the first study's rank "
+                                "sweeps and budget comparison (3 seeds), and the powered study: every method at 4 "
+                                "rates x 5 seeds on MiniLM, LoTR against LoRA on SmolLM2's 30 layers, cheap tasks on a "
+                                "shared basis, MoR on the skills set at two budgets, forgetting; and many LoRAs "
+                                "compressed into one basis. The full study takes many CPU hours and runs in parts "
+                                "(--parts); --quick: a few minutes. Finished runs are kept in --out and not trained "
+                                "again.")
     study.add_argument("--quick", action="store_true", help="one seed, one rank, a few steps: checks the machinery")
     study.add_argument("--parts", help="comma-separated part names to run (default: all)")
     study.add_argument("--out", type=Path, help="results folder (default: docs/results, or runs/study-quick)")
@@ -354,19 +356,26 @@ def _add_gates_and_overwrite(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_study(args) -> None:
+    from .study.compression import compression_part, run_compression
     from .study.plan import full_plan, quick_plan
     from .study.report import write_summary
-    from .study.runner import run_study
+    from .study.runner import prepare, run_study
 
     parts = quick_plan() if args.quick else full_plan()
+    compression = compression_part(args.quick)
     out = args.out or Path("runs/study-quick" if args.quick else "docs/results")
-    names = [p.name for p in parts]
+    names = [p.name for p in parts] + [compression.name]
     chosen = names if not args.parts else [n.strip() for n in args.parts.split(",") if n.strip()]
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         raise RankshareError(f"--parts: no part named {', '.join(unknown)}; the parts are {', '.join(names)}.")
     if not args.redraw:
-        run_study(parts, chosen, out, args.quiet, say=lambda text: print(text, file=sys.stderr))
+        say = lambda text: print(text, file=sys.stderr)  # noqa: E731
+        prepare(parts, out)
+        if set(chosen) - {compression.name}:
+            run_study(parts, [name for name in chosen if name != compression.name], out, args.quiet, say)
+        if compression.name in chosen:
+            run_compression(compression, out, args.quiet, say)
     elif not (out / "plan.json").is_file():
         raise RankshareError(f"--redraw: {out} holds no study (no plan.json); run the study first.")
     print(f"summary in {write_summary(out)}", file=sys.stderr)

@@ -7,6 +7,8 @@ Nothing here trains: ``predict`` and ``generate`` load runs through this module 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +26,14 @@ from .run_folder import load_run
 
 def run_base(run: dict):
     """The base model the run recorded in ``run`` (its run.json) adapts, in the run's dtype, without adapter."""
+    if run["kind"] != "classify":  # a causal LM: a copy of the one loaded last (de-quantising a GGUF file is slow)
+        return copy.deepcopy(_causal_lm(run["job"]["model"], recorded_job(run).dtype))
     return load_base(resolve_model(run["job"]["model"]), run["kind"], run["tasks"], recorded_job(run).dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _causal_lm(model: str, dtype: str):
+    return load_base(resolve_model(model), "lm", {}, dtype)
 
 
 def load_trained(directory: Path, device: str = "auto"):
@@ -65,7 +74,7 @@ def load_basis(model: rs.AdaptedModel, run: dict, folder: Path, name: str) -> No
 
 def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "auto",
                  text_column: str | None = None, label_column: str | None = None, peft_folder: Path | None = None,
-                 base: bool = False) -> dict:
+                 base: bool = False, splits: tuple[str, ...] = ("validation", "test")) -> dict:
     """Metrics of a trained adapter on the validation and test splits of ``data`` (default: its own data);
     with ``peft_folder``, of that PEFT adapter (e.g. the run's ``export``) on the run's base model instead; with
     ``base``, of the base model alone (the adapter disabled: what the run starts from)."""
@@ -74,7 +83,7 @@ def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "
         model = _peft_model(run, peft_folder).to(next(model.parameters()).device).eval()
     job = recorded_job(run)
     # The run's seed and caps give the run's own validation and test examples when the data is the same.
-    splits = job_data(job, data, text_column=text_column, label_column=label_column)
+    names, splits = splits, job_data(job, data, text_column=text_column, label_column=label_column)
     if (run["kind"] == "sft") != splits.instructions:
         raise RankshareError(f"--data {data} is {'' if splits.instructions else 'not '}instruction data, but the "
                              f"adapter was trained {'on' if run['kind'] == 'sft' else 'for'} {run['kind']}; evaluate "
@@ -93,7 +102,7 @@ def evaluate_run(directory: Path, data: str | None, quiet: bool, device: str = "
         splits = objective.fit_splits(splits)[0]
     with model.disable_adapter() if base else contextlib.nullcontext():
         return evaluate(model, objective, replace(splits, tasks=tasks), run["settings"]["batch_size"],
-                        next(model.parameters()).device, quiet)
+                        next(model.parameters()).device, quiet, names)
 
 
 def _peft_model(run: dict, folder: Path):

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..atomic_files import replace_file
 from ..config import method_class, methods
 from ..finetune.report import compact, new_figure, router_figure
+from .compression import compression_section
 from .plan import BASELINES, Part, Variant, part_from_dict
 from .runner import PLAN_FILE, SEARCH_FILE
 
@@ -565,6 +566,15 @@ def write_summary(out: Path) -> Path:
         replace_file(out / "forgetting.png", png.getvalue())
         sections.append(f"## Forgetting: held-out news loss of every SmolLM2 run\n\n{table}\n\n![forgetting.png]"
                         "(forgetting.png)\n")
+    for part_file in sorted(out.glob("*/part.json")):  # compression studies (compression.py)
+        drawn = compression_section(part_file.parent)
+        if drawn:
+            table, figure = drawn
+            png = io.BytesIO()
+            figure.savefig(png, format="png", dpi=110)
+            name = f"{part_file.parent.name}.png"
+            replace_file(out / name, png.getvalue())
+            sections.append(f"## {part_file.parent.name}\n\n{table}\n\n![{name}]({name})\n")
     text = "# Study results\n\nTest scores, mean ± std over seeds, at each variant's chosen learning rate.\n\n"
     text += "\n".join(sections)
     text += "\n## Learning rates (validation score %, mean over the seeds searched)\n\n"

@@ -1,0 +1,240 @@
+"""Many LoRAs, one basis, on real adapters: single-task LoRAs of the skills set on SmolLM2, compressed jointly into
+one LoTR basis and each alone, scored on every task's test split.
+
+The steps, each kept once done (an interrupted run goes on where it stopped):
+
+1. One PEFT LoRA per task (``rankshare train --method lora --data skills:TASK``), the same steps and rate for each.
+2. The LoRAs compressed jointly (``compress --adapter TASK=RUN ...``) at each rank of ``ranks``; at the ranks of
+   ``recover_ranks`` also with ``--recover-steps``.
+3. Each LoRA compressed alone (``compress_lora``) at the rank whose eight adapters together hold about as many
+   parameters as the joint compression at each rank: the separate fit of the same size.
+4. Every adapter of 1–3 scored on its task's test split (exact match), with its relative error and parameters.
+
+Records: ``<out>/<name>/*.json``, one per scored adapter; the trained and compressed runs live in ``<out>/.runs``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import rankshare as rs
+
+from ..finetune.convert import compress_runs
+from ..finetune.jobs import Job
+from ..finetune.run_folder import write_json
+from ..finetune.running import recover_cores, run_job
+from ..finetune.skills import PHRASED, SYNTHETIC
+from ..finetune.trained import evaluate_run
+
+RUNS = ".runs"
+
+
+@dataclass
+class CompressionPart:
+    name: str
+    model: str
+    tasks: tuple[str, ...]
+    lora_rank: int
+    max_train: int  # per task; one epoch of it is the LoRA's schedule
+    max_eval: int
+    max_length: int
+    batch_size: int
+    learning_rate: float
+    ranks: tuple[int, ...]  # joint compression
+    recover_ranks: tuple[int, ...]
+    recover_steps: int
+    claim: str = "compression"
+
+
+def compression_part(quick: bool = False) -> CompressionPart:
+    tasks = (*SYNTHETIC, *PHRASED)
+    if quick:
+        return CompressionPart("compress-smollm2-skills", "smollm2", tasks[:2], lora_rank=2, max_train=4, max_eval=1,
+                               max_length=128, batch_size=4, learning_rate=1e-2, ranks=(2,), recover_ranks=(2,),
+                               recover_steps=1)
+    return CompressionPart("compress-smollm2-skills", "smollm2", tasks, lora_rank=8, max_train=1200, max_eval=50,
+                           max_length=128, batch_size=8, learning_rate=3e-3, ranks=(8, 16, 32, 64),
+                           recover_ranks=(8, 16), recover_steps=50)
+
+
+def run_compression(part: CompressionPart, out: Path, quiet: bool, say) -> None:
+    folder, runs = out / part.name, out / RUNS / part.name
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "part.json", asdict(part))
+    loras = {task: _lora(part, task, runs / f"lora-{task}", folder, quiet, say) for task in part.tasks}
+    for rank in part.ranks:
+        joint = runs / f"joint-r{rank}"
+        if not all((folder / f"joint-r{rank}-{task}.json").is_file() for task in part.tasks):
+            started = time.perf_counter()
+            (_, _, report), = compress_runs(list(loras.items()), [rank], joint, "by_name")
+            seconds = time.perf_counter() - started
+            for task in part.tasks:
+                _score(folder / f"joint-r{rank}-{task}.json", joint / f"rank-{rank}" / task, quiet, say, {
+                    "kind": "joint", "task": task, "rank": rank, "relative_error": report.task_errors[task],
+                    "task_parameters": report.task_parameters[task], "basis_parameters": report.basis_parameters,
+                    "total_parameters": report.total_parameters, "lora_parameters": report.lora_parameters[task],
+                    "fit_seconds": seconds,
+                    "bytes_on_disk": _bytes(joint / f"rank-{rank}")})
+        if rank in part.recover_ranks:
+            for task in part.tasks:
+                record = folder / f"joint-r{rank}-recovered-{task}.json"
+                if record.is_file():
+                    continue
+                recovered = runs / f"joint-r{rank}-recovered" / task
+                shutil.rmtree(recovered, ignore_errors=True)
+                shutil.copytree(joint / f"rank-{rank}" / task, recovered)
+                done = recover_cores(recovered, part.recover_steps, quiet)
+                before = json.loads((folder / f"joint-r{rank}-{task}.json").read_text())
+                _score(record, recovered, quiet, say, {**{k: before[k] for k in before if k not in ("metrics",)},
+                                                        "kind": "joint, recovered", "recovered": done})
+        separate = separate_rank(part, rank, loras)
+        for task in part.tasks:
+            record = folder / f"separate-r{separate}-{task}.json"
+            if record.is_file():
+                continue
+            target = runs / f"separate-r{separate}-{task}"
+            (_, _, report), = compress_runs([(task, loras[task])], [separate], target, "by_name")  # one task: k = 1
+            _score(record, target / f"rank-{separate}" / task, quiet, say, {
+                "kind": "separate", "task": task, "rank": separate, "matches_joint_rank": rank,
+                "relative_error": report.task_errors[task], "total_parameters": report.total_parameters,
+                "bytes_on_disk": _bytes(target)})
+
+
+def separate_rank(part: CompressionPart, rank: int, loras: dict[str, Path]) -> int:
+    """The rank at which the tasks' separate LoTR adapters hold, together, the parameters closest to the joint
+    compression's at ``rank`` (basis and cores; heads aside)."""
+    shapes = _shapes(next(iter(loras.values())))
+
+    def lotr(r: int) -> int:
+        return rs.LotrConfig(rank=r, target_modules=list(shapes)).num_trainable_parameters(shapes)
+
+    cores = rs.LotrConfig(rank=rank, target_modules=list(shapes), basis="basis").num_trainable_parameters(shapes)
+    joint = lotr(rank) - cores + len(part.tasks) * cores
+    limit = min(min(shape) for shape in shapes.values())
+    return min(range(1, limit + 1), key=lambda r: abs(len(part.tasks) * lotr(r) - joint))
+
+
+def _shapes(run: Path) -> dict[str, tuple[int, int]]:
+    from safetensors import safe_open
+
+    with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as weights:
+        keys = list(weights.keys())
+        shapes = {}
+        for key in keys:
+            if key.endswith("lora_A.weight"):
+                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                d_in = weights.get_slice(key).get_shape()[1]
+                d_out = weights.get_slice(key.replace("lora_A", "lora_B")).get_shape()[0]
+                shapes[name] = (d_out, d_in)
+    return shapes
+
+
+def _lora(part: CompressionPart, task: str, run: Path, folder: Path, quiet: bool, say) -> Path:
+    record = folder / f"lora-{task}.json"
+    if not record.is_file():
+        settings = {"seed": 0, "lr": part.learning_rate, "batch_size": part.batch_size, "epochs": 1}
+        job = Job(methods=["lora"], model=part.model, data=f"skills:{task}", max_train=part.max_train,
+                  max_eval=part.max_eval, max_length=part.max_length, rank=part.lora_rank, settings=settings)
+        resuming = (run / "command.json").is_file()  # an interrupted training goes on from its checkpoint
+        if not resuming:
+            shutil.rmtree(run, ignore_errors=True)
+        (trained,) = run_job(job, run, quiet, say, resuming=resuming)
+        _score(record, run, quiet, say, {"kind": "lora", "task": task, "rank": part.lora_rank,
+                                         "total_parameters": trained["trainable_parameters"]["adapter"],
+                                         "steps": trained["steps"], "train_seconds": trained["train_seconds"],
+                                         "bytes_on_disk": _bytes(run)})
+    return run
+
+
+def _score(record: Path, run: Path, quiet: bool, say, fields: dict) -> None:
+    """Score the run in ``run`` on its task's test split and write ``fields`` with the scores to ``record``."""
+    started = time.perf_counter()
+    metrics = evaluate_run(run, None, quiet, splits=("test",))["metrics"]["test"]
+    write_json(record, {**fields, "exact_match": metrics["average"]["exact_match"], "metrics": metrics,
+                        "eval_seconds": time.perf_counter() - started})
+    say(f"{record.stem}: exact match {metrics['average']['exact_match']:.3f}")
+
+
+def _bytes(folder: Path) -> int:
+    """The adapter files' bytes in ``folder`` (every ``adapter`` folder below it): what serving must hold."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file() and "adapter" in path.parts[
+        len(folder.parts) - 1:])
+
+
+# -- report ----------------------------------------------------------------------------------------------------
+
+KINDS = ("lora", "joint", "joint, recovered", "separate")
+
+
+def compression_rows(records: list[dict]) -> list[dict]:
+    """One row per adapter set (the LoRAs, each joint rank, each separate rank): its total parameters and bytes,
+    and per-task and average exact match."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["kind"], record["rank"]), []).append(record)
+    rows = []
+    for (kind, rank), group in sorted(groups.items(), key=lambda item: (KINDS.index(item[0][0]), item[0][1])):
+        if kind in ("joint", "joint, recovered"):
+            total, size = group[0]["total_parameters"], group[0]["bytes_on_disk"]
+        else:  # one adapter per task
+            total = sum(r["total_parameters"] for r in group)
+            size = sum(r["bytes_on_disk"] for r in group)
+        rows.append({"kind": kind, "rank": rank, "parameters": total, "bytes": size,
+                     "tasks": {r["task"]: r["exact_match"] for r in group},
+                     "average": sum(r["exact_match"] for r in group) / len(group),
+                     "error": sum(r.get("relative_error", 0.0) for r in group) / len(group)})
+    return rows
+
+
+def compression_section(folder: Path) -> tuple[str, object] | None:
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != "part.json"]
+    if not records:
+        return None
+    from ..finetune.report import compact, new_figure
+
+    rows = compression_rows(records)
+    tasks = sorted({task for row in rows for task in row["tasks"]})
+    lora = next((row for row in rows if row["kind"] == "lora"), None)
+    header = ["adapters", "rank", "parameters", "MiB on disk", *tasks, "average", "of the LoRAs'", "mean rel. error"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for row in rows:
+        share = f"{100 * row['average'] / lora['average']:.0f} %" if lora and lora["average"] else "—"
+        lines.append("| " + " | ".join([row["kind"], str(row["rank"]), f"{row['parameters']:,}",
+                                        f"{row['bytes'] / 2**20:.2f}",
+                                        *(f"{100 * row['tasks'][t]:.0f}" if t in row["tasks"] else "—" for t in tasks),
+                                        f"{100 * row['average']:.1f}", share,
+                                        "—" if row["kind"] == "lora" else f"{row['error']:.3f}"]) + " |")
+    text = "\n".join(lines)
+    if lora:
+        keep = []
+        for kind in KINDS[1:]:
+            enough = [row for row in rows if row["kind"] == kind and row["average"] >= 0.95 * lora["average"]]
+            best = min(enough, key=lambda row: row["parameters"], default=None)
+            keep.append(f"- {kind}: " + (f"{best['parameters']:,} parameters (rank {best['rank']}), "
+                                          f"{best['parameters'] / lora['parameters']:.3f}× the LoRAs'" if best else
+                                          "no rank measured keeps 95 %"))
+        text += "\n\nThe fewest parameters that keep 95 % of the LoRAs' average exact match:\n\n" + "\n".join(keep)
+    figure = new_figure(7, 4.5)
+    axes = figure.add_subplot()
+    axes.set_xscale("log")
+    for i, kind in enumerate(KINDS[1:]):
+        series = sorted((row["parameters"], 100 * row["average"]) for row in rows if row["kind"] == kind)
+        if series:
+            axes.plot(*zip(*series), marker="o", color=f"C{i}", label=kind)
+    if lora:
+        axes.scatter([lora["parameters"]], [100 * lora["average"]], color="0.2", marker="*", s=120, zorder=3,
+                     label=f"the {len(lora['tasks'])} LoRAs")
+        axes.axhline(95 * lora["average"], color="0.5", linestyle=":", label="95 % of the LoRAs'")
+    from matplotlib.ticker import FuncFormatter
+
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: compact(value)))
+    axes.set_xlabel("adapter parameters for all tasks (log scale)")
+    axes.set_ylabel("average test exact match (%)")
+    axes.set_title("Many LoRAs, one basis: SmolLM2 on the skills tasks")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    return text, figure

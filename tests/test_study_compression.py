@@ -1,0 +1,61 @@
+"""The compression study (many LoRAs, one basis): single-task LoRAs trained, compressed jointly and each alone,
+every adapter scored; on a tiny LLaMA with two skills tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import rankshare as rs
+from rankshare.study.compression import CompressionPart, compression_section, run_compression, separate_rank
+
+
+@pytest.fixture(scope="module")
+def study(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compression")
+    part = CompressionPart("compress-tiny", str(tiny_llama), ("add", "sort"), lora_rank=2, max_train=8, max_eval=2,
+                           max_length=64, batch_size=4, learning_rate=1e-2, ranks=(2, 8), recover_ranks=(2,),
+                           recover_steps=2)
+    run_compression(part, out, quiet=True, say=lambda text: None)
+    records = {p.stem: json.loads(p.read_text()) for p in (out / part.name).glob("*.json") if p.name != "part.json"}
+    return part, out, records
+
+
+def test_every_adapter_is_trained_compressed_and_scored(study):
+    part, out, records = study
+    kinds = sorted({(r["kind"], r["rank"]) for r in records.values()})
+    # q_proj 32 x 32 and v_proj 16 x 32 in 2 layers: the separate rank whose two adapters match the joint's size
+    assert kinds == [("joint", 2), ("joint", 8), ("joint, recovered", 2), ("lora", 2),
+                     ("separate", separate_rank(part, 2, _runs(out, part))),
+                     ("separate", separate_rank(part, 8, _runs(out, part)))]
+    assert all(0 <= r["exact_match"] <= 1 and r["task"] in r["metrics"] for r in records.values())
+    # 2 tasks x 2 layers x LoRA rank 2 = 8 directions per group: rank 8 holds both LoRAs exactly, and scores alike.
+    for task in part.tasks:
+        assert records[f"joint-r8-{task}"]["relative_error"] < 1e-5
+        assert records[f"joint-r8-{task}"]["exact_match"] == records[f"lora-{task}"]["exact_match"]
+        assert records[f"joint-r2-recovered-{task}"]["recovered"]["steps"] == 2
+
+
+def test_the_separate_rank_matches_the_joint_size_by_hand(study):
+    part, out, _ = study
+    shapes = {f"model.layers.{i}.self_attn.{p}": s for i in range(2) for p, s in (("q_proj", (32, 32)),
+                                                                                ("v_proj", (16, 32)))}
+
+    def lotr(rank, **options):
+        return rs.LotrConfig(rank=rank, target_modules=list(shapes), **options).num_trainable_parameters(shapes)
+
+    joint = lotr(8) - lotr(8, basis="b") + 2 * lotr(8, basis="b")  # one basis, two tasks' cores
+    chosen = separate_rank(part, 8, _runs(out, part))
+    assert all(abs(2 * lotr(chosen) - joint) <= abs(2 * lotr(r) - joint) for r in range(1, 17))
+
+
+def test_the_report_answers_how_few_parameters_keep_95_percent(study):
+    part, out, _ = study
+    text, figure = compression_section(out / part.name)
+    assert "| lora | 2 |" in text and "| joint | 8 |" in text and "| separate |" in text
+    assert "keep 95 % of the LoRAs' average exact match" in text and figure is not None
+
+
+def _runs(out, part):
+    return {task: out / ".runs" / part.name / f"lora-{task}" for task in part.tasks}

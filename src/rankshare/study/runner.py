@@ -203,7 +203,7 @@ def run_once(space: Workspace, part: Part, variant: Variant, rank: int, lr: floa
     record.update(part=part.name, variant=variant.name, label=variant.label, budget=variant.budget)
     if search:
         record["search"] = True
-    if "router_layers" in record:
+    if "router_layers" in record and space.kind != "sft":  # instruction tuning would generate every answer again
         record["router_layers_at_init"] = initial_routing(space, settings)
     if part.forgetting and not search:
         record["forgetting"] = forgetting(model, space, part.forgetting)

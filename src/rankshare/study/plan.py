@@ -1,9 +1,14 @@
 """What the evidence study trains: the claims, the models and data, the sizes, and how many runs.
 
-A *part* is one model on one dataset; a *variant* is one method with its options. Each variant trains at
-its ranks (a sweep) or at the rank whose parameter count comes closest to a budget. Its learning rate is
-chosen from the part's grid on the validation split at seed 0 and its ``search_rank``; then every rank
-trains with every seed at that rate. The sizes below keep the full study within two hours of a 2-core CPU.
+A *part* is one model on one dataset; a *variant* is one method with its options, or a baseline (no adapter:
+the head alone, every weight, or the model as it is). Each variant trains at its ranks (a sweep) or at the rank
+whose parameter count comes closest to a budget. Its learning rate is the one of its grid whose validation score,
+averaged over the search seeds (seed 0 unless said), is best at its ``search_rank``; then every rank trains with
+every seed at that rate. A part with ``search_seeds`` = its seeds is a full grid: every rate with every seed, the
+runs paired by seed. A part with ``search_steps`` chooses with shorter runs, recorded apart.
+
+The first study (the parts up to ``lotr-minilm-sentiment-lower-rate``) took 87 minutes on a 2-core CPU; the
+powered study (issue 20's parts) takes many CPU hours and runs part by part across sittings.
 """
 
 from __future__ import annotations

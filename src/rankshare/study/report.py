@@ -266,8 +266,9 @@ def search_rows(part: Part, search: dict) -> list[list[str]]:
 
 
 # A run has collapsed when at least this share of its test predictions falls in one class: it has stopped
-# telling the classes apart (sentiment's largest class is 41 % of its test split).
-COLLAPSE_SHARE = 0.9
+# telling the classes apart. On sentiment (test split: 43 % negative, 36 % neutral, 21 % positive) healthy runs put
+# at most about half their predictions in one class; failed ones 85-100 %.
+COLLAPSE_SHARE = 0.8
 
 
 def collapsed(record: dict) -> bool:

@@ -49,6 +49,9 @@ def final_runs(part: Part, search: dict, records: list[dict]) -> dict[str, list[
         if variant.method == "zero-shot":  # one record, no rate and no seed
             runs[variant.name] = [r for r in records if r["variant"] == variant.name]
             continue
+        if (variant.lr_from or variant.name) not in chosen:  # a part still running has not reached it
+            runs[variant.name] = []
+            continue
         lr = chosen[variant.lr_from or variant.name]["chosen"]
         runs[variant.name] = [r for r in records if r["variant"] == variant.name and r["config"]["lr"] == lr
                               and r["seed"] in part.seeds]
@@ -353,14 +356,16 @@ def rates_figure(part: Part, records: list[dict]):
     axes.set_xscale("log")
     for i, variant in enumerate(v for v in part.variants if v.method != "zero-shot"):
         runs = [r for r in records if r["variant"] == variant.name]
+        if not runs:
+            continue
         grid = sorted({r["config"]["lr"] for r in runs})
         stats = [mean_std([accuracy(r) for r in runs if r["config"]["lr"] == lr]) for lr in grid]
         style = "--" if variant.method in ("head-only", "full") else "-"
         axes.errorbar(grid, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", capsize=3,
                       linestyle=style, color=f"C{i}", label=variant.label)
         fallen = [r for r in runs if collapsed(r)]
-        axes.scatter([r["config"]["lr"] for r in fallen], [100 * accuracy(r) for r in fallen], marker="x",
-                     color=f"C{i}")
+        axes.scatter([r["config"]["lr"] for r in fallen], [100 * accuracy(r) for r in fallen], marker="x", s=60,
+                     color="black", zorder=3)
     axes.set_xlabel("learning rate (log scale); × a collapsed run")
     axes.set_ylabel("test accuracy (%), mean ± std over seeds")
     axes.set_title(f"{part.model} on {part.data}: every rate, {len(part.seeds)} seeds")
@@ -508,7 +513,9 @@ def provisional_search(part: Part, records: list[dict]) -> dict:
                                 "validation_accuracy": {f"{lr:g}": m for lr, m in means.items()},
                                 "chosen": max(means, key=means.get)}
     examples = records[0]["examples"]
-    return {"learning_rates": search, "load_seconds": 0.0, "targets": records[0]["config"].get("targets", []),
+    targets = next((r["config"]["adapter"]["target_modules"] for r in records
+                    if "target_modules" in r["config"].get("adapter", {})), [])
+    return {"learning_rates": search, "load_seconds": 0.0, "targets": targets,
             "examples": examples, "provisional": True}
 
 

@@ -72,11 +72,12 @@ class Workspace:
 
 
 def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | None = None,
-        splits: tuple[str, ...] = ("validation", "test"), prepare=None):
+        splits: tuple[str, ...] = ("validation", "test"), prepare=None, eval_batch_size: int | None = None):
     """Train one adapter (resuming from a checkpoint in ``folder``) and evaluate it on ``splits``.
 
     ``prepare(base, heads)``, if given, returns the model to train in place of an adapter on ``base`` (a baseline
-    such as full fine-tuning). Returns the trained model and its record (empty if ``stop_after`` ended training early).
+    such as full fine-tuning). Evaluation takes batches of ``eval_batch_size`` (default: the training batch size).
+    Returns the trained model and its record (empty if ``stop_after`` ended training early).
     """
     job = space.job
     if distributed.is_main():
@@ -96,7 +97,8 @@ def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | No
     timing = train(model, space.objective, space.splits.train, settings, space.device, folder, space.quiet, stop_after)
     if stop_after is not None and stop_after < timing["steps"]:
         return model, {}
-    evaluation = evaluate(model, space.objective, space.splits, settings.batch_size, space.device, space.quiet, splits)
+    evaluation = evaluate(model, space.objective, space.splits, eval_batch_size or settings.batch_size, space.device,
+                          space.quiet, splits)
     record = {
         "method": settings.method,
         "rank": settings.rank,

@@ -199,7 +199,8 @@ def run_once(space: Workspace, part: Part, variant: Variant, rank: int, lr: floa
     _initialise_head(space, seed)
     checkpoints = out / CHECKPOINTS / part.name / name
     prepare = _baseline(variant.method) if variant.method in BASELINES else None
-    model, record = fit(space, settings, checkpoints, splits=splits, prepare=prepare)
+    model, record = fit(space, settings, checkpoints, splits=splits, prepare=prepare,
+                        eval_batch_size=part.eval_batch_size)
     record.update(part=part.name, variant=variant.name, label=variant.label, budget=variant.budget)
     if search:
         record["search"] = True
@@ -242,8 +243,8 @@ def zero_shot(space: Workspace, part: Part, variant: Variant, out: Path, say) ->
     record = {"method": "zero-shot", "variant": variant.name, "label": variant.label, "part": part.name, "rank": 0,
               "seed": None, "steps": 0, "trainable_parameters": {"adapter": 0, "head": 0},
               "config": {"model": part.model, "data": part.data, "objective": space.kind, "lr": None},
-              **evaluate(model, space.objective, space.splits, part.batch_size, space.device, True,
-                         ("validation", "test")), "versions": versions()}
+              **evaluate(model, space.objective, space.splits, part.eval_batch_size or part.batch_size, space.device,
+                         True, ("validation", "test")), "versions": versions()}
     if part.forgetting:
         record["forgetting"] = forgetting(model, space, part.forgetting)
     record["wall_seconds"] = time.perf_counter() - started

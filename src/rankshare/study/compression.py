@@ -53,7 +53,7 @@ class CompressionPart:
 def compression_part(quick: bool = False) -> CompressionPart:
     tasks = (*SYNTHETIC, *PHRASED)
     if quick:
-        return CompressionPart("compress-smollm2-skills", "smollm2", tasks[:2], lora_rank=2, max_train=4, max_eval=1,
+        return CompressionPart("compress-smollm2-skills", "smollm2", tasks[:1], lora_rank=2, max_train=4, max_eval=1,
                                max_length=128, batch_size=4, learning_rate=1e-2, ranks=(2,), recover_ranks=(2,),
                                recover_steps=1)
     return CompressionPart("compress-smollm2-skills", "smollm2", tasks, lora_rank=8, max_train=1200, max_eval=50,

@@ -28,7 +28,8 @@ def test_full_plan_follows_the_rules():
     parts = {part.name: part for part in full_plan()}
     assert set(parts) == {"lotr-minilm-news", "lotr-minilm-sentiment", "mor-minilm-news+sentiment",
                           "lotr-smollm2-sentiment", "lotr-minilm-sentiment-lower-rate", "power-minilm-sentiment",
-                          "deep-smollm2-sentiment", "multitask-smollm2-skills"}
+                          "power-minilm-sentiment-960-steps", "deep-smollm2-sentiment", "downstream-minilm-news",
+                          "downstream-minilm-sentiment", "multitask-smollm2-skills"}
     for part in (p for p in parts.values() if p.steps is None):  # the first study's parts (test_study_power.py)
         assert part.seeds == (0, 1, 2)
         assert len(part.learning_rates) >= 2 or part.name.endswith("lower-rate")  # a fixed rate, said in its name

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
 
+from rankshare.errors import RankshareError
 from rankshare.finetune.budget import closest_rank
 from rankshare.study import forgetting, runner
 from rankshare.study.plan import (
@@ -22,6 +23,7 @@ from rankshare.study.plan import (
     deep_part,
     multitask_part,
     power_part,
+    schedule_part,
 )
 from rankshare.study.report import collapsed, layer_distances, paired_difference, write_summary
 from rankshare.study.runner import variant_config
@@ -48,6 +50,14 @@ def test_part_1_is_a_paired_grid_at_one_budget():
         assert abs(parameters - POWER_BUDGET) <= 0.02 * POWER_BUDGET, variant.name
     assert {"head-only", "full"} <= {v.method for v in part.variants}  # the floor and the ceiling
     assert part.steps * part.batch_size >= 4 * part.max_train  # the schedule of docs/results/schedule-pilot
+
+
+def test_the_schedule_check_doubles_part_1s_steps_at_its_chosen_rates(tmp_path):
+    part, check = power_part(), schedule_part()
+    assert check.steps == 2 * part.steps and check.rates_from == part.name
+    assert [v.name for v in check.variants] == [v.name for v in part.variants if v.method not in BASELINES]
+    with pytest.raises(RankshareError, match="run that part to its end first"):
+        runner.rates_chosen_by(tmp_path / part.name, check)
 
 
 def test_part_2_spans_lora_r1_to_r4_on_the_deep_model():

@@ -13,7 +13,7 @@ powered study (issue 20's parts) takes many CPU hours and runs part by part acro
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..config import methods
 
@@ -53,6 +53,7 @@ class Part:
     search_steps: int | None = None  # shorter rate-search runs, recorded apart in <part>/search/
     forgetting: int = 0  # held-out news articles on which each run's language-modelling loss is compared with the base
     eval_batch_size: int | None = None  # default: batch_size (generating answers goes faster in larger batches)
+    rates_from: str | None = None  # no search: each variant trains at the rate that part chose for its namesake
 
 
 def lotr_variants(lora: tuple[int, ...], by_name: tuple[int, ...], frozen: tuple[int, ...],
@@ -116,6 +117,7 @@ def full_plan() -> list[Part]:
                                options={"share": "by_shape"})],
              **{**minilm, "learning_rates": (3e-3,)}),
         power_part(),
+        schedule_part(),
         deep_part(),
         downstream_part("news", "sentiment"),
         downstream_part("sentiment", "news"),
@@ -154,6 +156,17 @@ def power_part() -> Part:
     return Part("power-minilm-sentiment", "power", model="minilm", data="sentiment", max_train=1920, max_eval=500,
                 max_length=48, batch_size=16, learning_rates=POWER_RATES, seeds=POWER_SEEDS, variants=variants,
                 steps=480, search_seeds=POWER_SEEDS)
+
+
+def schedule_part() -> Part:
+    """Has part 1's schedule levelled off? Its adapters again at the rates it chose, for twice the steps (960 of 16),
+    seeds 0 and 1: the difference from the same seeds at 480 steps."""
+    part = power_part()
+    adapters = [v for v in part.variants if v.method not in BASELINES]
+    return Part("power-minilm-sentiment-960-steps", "schedule", model=part.model, data=part.data,
+                max_train=part.max_train, max_eval=part.max_eval, max_length=part.max_length,
+                batch_size=part.batch_size, learning_rates=(), seeds=(0, 1), variants=adapters, steps=2 * part.steps,
+                rates_from=part.name)
 
 
 # SmolLM2's query (576 × 576) and value (192 × 576) projections in 30 layers: LoRA r has 57,600 r parameters, LoTR with
@@ -245,13 +258,11 @@ def quick_plan() -> list[Part]:
         variants = [Variant(**{**asdict(v), "lr_from": None}) for v in variants]  # each chooses its own rate
         small = part.model == "smollm2"
         instructions = part.data == "skills"  # per task, 8 tasks, and evaluation generates: the fewest
-        parts.append(Part(part.name, part.claim, part.model, part.data,
-                          max_train=4 if instructions else 16 if small else 64,
-                          max_eval=1 if instructions else 12 if small else 40, max_length=part.max_length,
-                          batch_size=part.batch_size, learning_rates=part.learning_rates[-1:], seeds=(0,),
-                          variants=variants, merge_seeds=(0,), steps=2 if part.steps else None,
-                          search_steps=1 if part.search_steps else None, forgetting=min(part.forgetting, 2),
-                          eval_batch_size=part.eval_batch_size))
+        parts.append(replace(part, max_train=4 if instructions else 16 if small else 64,
+                             max_eval=1 if instructions else 12 if small else 40,
+                             learning_rates=part.learning_rates[-1:], seeds=(0,), search_seeds=(0,),
+                             variants=variants, merge_seeds=(0,), steps=2 if part.steps else None,
+                             search_steps=1 if part.search_steps else None, forgetting=min(part.forgetting, 2)))
     return parts
 
 

@@ -19,7 +19,7 @@ from ..atomic_files import replace_file
 from ..config import method_class, methods
 from ..finetune.report import compact, new_figure, router_figure
 from .compression import compression_section
-from .plan import BASELINES, Part, Variant, part_from_dict
+from .plan import BASELINES, Part, Variant, part_from_dict, rates
 from .runner import PLAN_FILE, SEARCH_FILE
 
 SUMMARY = "summary.md"
@@ -257,10 +257,13 @@ def merge_rows(part: Part, runs: dict[str, list[dict]]) -> list[str] | None:
 
 
 def search_rows(part: Part, search: dict) -> list[list[str]]:
+    if part.rates_from:  # no search of its own
+        return []
+    grids = {variant.name: rates(part, variant) for variant in part.variants}
     rows = []
     for name, result in search.get("learning_rates", {}).items():
         scores = ", ".join(f"{lr}: {100 * a:.1f}" for lr, a in result["validation_accuracy"].items())
-        chosen, grid = result["chosen"], part.learning_rates
+        chosen, grid = result["chosen"], grids.get(name, part.learning_rates)
         edge = len(grid) > 1 and chosen in (min(grid), max(grid))  # the best rate may lie outside the grid
         seeds = ", ".join(str(seed) for seed in result.get("seeds", [0]))
         rows.append([part.name, name, str(result["rank"]), seeds, scores,
@@ -500,6 +503,28 @@ def forgetting_section(parts: list[tuple[Part, dict[str, list[dict]]]]) -> tuple
     return table, figure
 
 
+def schedule_section(part: Part, records: list[dict], out: Path) -> str:
+    """Each variant at twice the steps against the same seeds and rate in the part it took its rates from."""
+    earlier = [json.loads(p.read_text()) for p in sorted((out / part.rates_from).glob("*.json"))
+               if p.name != SEARCH_FILE]
+    rows = []
+    for variant in part.variants:
+        longer = [r for r in records if r["variant"] == variant.name]
+        pairs = [(r, e) for r in longer for e in earlier if e["variant"] == variant.name and e["seed"] == r["seed"]
+                 and e["config"]["lr"] == r["config"]["lr"]]
+        if not pairs:
+            continue
+        cells = [variant.label, f"{pairs[0][0]['config']['lr']:g}", ", ".join(str(r["seed"]) for r, _ in pairs)]
+        for split in ("validation", "test"):
+            short = statistics.fmean(accuracy(e, split) for _, e in pairs)
+            long = statistics.fmean(accuracy(r, split) for r, _ in pairs)
+            cells.append(f"{100 * short:.1f} → {100 * long:.1f} ({100 * (long - short):+.1f})")
+        rows.append(cells)
+    steps = (records[0]["steps"] // 2, records[0]["steps"]) if records else (0, 0)
+    return _table(["variant", "rate", "seeds", f"validation % at {steps[0]} → {steps[1]} steps",
+                   f"test % at {steps[0]} → {steps[1]} steps"], rows)
+
+
 def provisional_search(part: Part, records: list[dict]) -> dict:
     """For a grid part still running: each variant's rate chosen on the seeds it has finished so far."""
     search = {}
@@ -536,6 +561,8 @@ def write_summary(out: Path) -> Path:
         images = {}
         if part.claim == "power":
             table, images = power_section(part, search, records)
+        elif part.claim == "schedule":
+            table = schedule_section(part, records, out)
         elif part.steps:  # the parts of the powered study
             table, images = comparison_section(part, runs)
             if part.forgetting:

@@ -93,6 +93,19 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
     ranks = {v.name: variant_ranks(v, space) for v in part.variants}
     spaces = {v.name: space if v.basis_data is None else basis_space(part, v, ranks[v.name][0], out, quiet, say)
               for v in part.variants}
+    if part.rates_from:  # the rates another part chose, no search here
+        chosen = rates_chosen_by(out / part.rates_from, part)
+        write_json(folder / SEARCH_FILE, {"learning_rates": {name: {"chosen": lr, "from": part.rates_from}
+                                                             for name, lr in chosen.items()},
+                                          "load_seconds": load_seconds, "targets": space.targets,
+                                          "examples": {"train": len(space.splits.train),
+                                                       "validation": len(space.splits.validation),
+                                                       "test": len(space.splits.test)}})
+        for seed in part.seeds:
+            for variant in part.variants:
+                for rank in ranks[variant.name]:
+                    run_once(space, part, variant, rank, chosen[variant.name], seed, ("validation", "test"), out, say)
+        return
     searched = [v for v in part.variants if not v.lr_from and v.method != "zero-shot"]
     scores: dict[str, dict[float, list[float]]] = {v.name: {lr: [] for lr in rates(part, v)} for v in searched}
     # Seed by seed, so that a study stopped early holds whole seeds of every variant and rate.
@@ -127,6 +140,20 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
             lr = chosen[variant.lr_from or variant.name]
             for rank in ranks[variant.name]:
                 run_once(spaces[variant.name], part, variant, rank, lr, seed, ("test",), out, say)
+
+
+def rates_chosen_by(folder: Path, part: Part) -> dict[str, float]:
+    """The rate the part in ``folder`` chose for each variant of ``part`` (its namesake there)."""
+    search = folder / SEARCH_FILE
+    if not search.is_file():
+        raise RankshareError(f"Part {part.name} trains at the rates part {folder.name} chooses; run that part to its "
+                             f"end first (--parts {folder.name}).")
+    chosen = json.loads(search.read_text())["learning_rates"]
+    missing = [v.name for v in part.variants if v.name not in chosen]
+    if missing:
+        raise RankshareError(f"Part {folder.name} chose no rate for {', '.join(missing)}, which part {part.name} "
+                             "trains; the plans disagree.")
+    return {v.name: chosen[v.name]["chosen"] for v in part.variants}
 
 
 def headline(split_metrics: dict) -> float:

@@ -261,7 +261,8 @@ def quick_plan() -> list[Part]:
         parts.append(replace(part, max_train=4 if instructions else 16 if small else 64,
                              max_eval=1 if instructions else 12 if small else 40,
                              learning_rates=part.learning_rates[-1:], seeds=(0,), search_seeds=(0,),
-                             variants=variants, merge_seeds=(0,), steps=2 if part.steps else None,
+                             variants=variants, merge_seeds=(0,),
+                             steps=(4 if part.rates_from else 2) if part.steps else None,  # the check: twice
                              search_steps=1 if part.search_steps else None, forgetting=min(part.forgetting, 2)))
     return parts
 

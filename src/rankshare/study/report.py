@@ -520,7 +520,8 @@ def schedule_section(part: Part, records: list[dict], out: Path) -> str:
             long = statistics.fmean(accuracy(r, split) for r, _ in pairs)
             cells.append(f"{100 * short:.1f} → {100 * long:.1f} ({100 * (long - short):+.1f})")
         rows.append(cells)
-    steps = (records[0]["steps"] // 2, records[0]["steps"]) if records else (0, 0)
+    paired = [(r, e) for r in records for e in earlier if e["seed"] == r["seed"] and e["variant"] == r["variant"]]
+    steps = (paired[0][1]["steps"], paired[0][0]["steps"]) if paired else (0, 0)
     return _table(["variant", "rate", "seeds", f"validation % at {steps[0]} → {steps[1]} steps",
                    f"test % at {steps[0]} → {steps[1]} steps"], rows)
 

@@ -370,7 +370,9 @@ def _run_study(args) -> None:
     if unknown:
         raise RankshareError(f"--parts: no part named {', '.join(unknown)}; the parts are {', '.join(names)}.")
     if not args.redraw:
-        say = lambda text: print(text, file=sys.stderr)  # noqa: E731
+        def say(text: str) -> None:
+            print(text, file=sys.stderr)
+
         prepare(parts, out)
         if set(chosen) - {compression.name}:
             run_study(parts, [name for name in chosen if name != compression.name], out, args.quiet, say)

@@ -165,6 +165,13 @@ def test_a_grid_part_trains_every_rate_and_seed_and_chooses_on_their_mean(tiny_b
     assert "Δ accuracy vs LoRA, points [95 % CI]" in summary and "| head only |" in summary
     assert (out / "grid-rates.png").is_file() and (out / "grid-paired.png").is_file()
 
+    # A grid still running (no search.json yet, some variants not reached) is drawn from the runs it has.
+    (folder / "search.json").unlink()
+    for path in folder.glob("lotr-*.json"):
+        path.unlink()
+    summary = write_summary(out).read_text()
+    assert "**Still running**" in summary and "| LoRA | 0.001" in summary and "| LoTR |" not in summary
+
 
 def test_a_part_not_started_may_change(tiny_bert, colours, tmp_path):
     variants = [Variant("lora", "LoRA", "lora", (1,))]

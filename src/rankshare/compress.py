@@ -260,6 +260,13 @@ def _shapes(lora: _Lora) -> dict[str, tuple[int, int]]:
     return {name: (update.B.shape[0], update.A.shape[1]) for name, update in lora.updates.items()}
 
 
+def lora_shapes(peft_directory: str | Path) -> dict[str, tuple[int, int]]:
+    """The ``(d_out, d_in)`` of every module the PEFT LoRA in ``peft_directory`` adapts (its folder checked as for
+    ``compress_lora``, without a base model)."""
+    _, updates, _ = _read_peft_lora(Path(peft_directory))
+    return {name: (update.B.shape[0], update.A.shape[1]) for name, update in updates.items()}
+
+
 def _fit(base_model: nn.Module, loras: dict[str, _Lora], rank: int, share: str) -> _Fitted:
     """One Tucker-2 fit per group over every LoRA's updates of the group, after the checks that need the model."""
     first = next(iter(loras.values()))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -30,7 +29,7 @@ from .jobs import BASIS_ADAPTER, TASK_ADAPTER, Job, job_data, job_objective, obj
 from .models import default_targets, head_modules, load_base, load_tokenizer, resolve_model
 from .report import write_report
 from .run_folder import check_out, load_run, write_json
-from .train import Settings, attach_adapter, parameter_counts, peak_memory_mb, train, versions
+from .train import Settings, attach_adapter, epochs_for, parameter_counts, peak_memory_mb, train, versions
 from .trained import load_basis
 
 
@@ -202,7 +201,7 @@ def recover_cores(folder: Path, steps: int, quiet: bool) -> dict:
 
     recorded = Settings(adapter=run["settings"]["adapter"], lr=run["settings"]["lr"],
                         batch_size=run["settings"]["batch_size"], seed=run["settings"].get("seed", 0), max_steps=steps,
-                        epochs=math.ceil(steps * run["settings"]["batch_size"] / max(1, len(space.splits.train))))
+                        epochs=epochs_for(steps, run["settings"]["batch_size"], len(space.splits.train)))
     with tempfile.TemporaryDirectory() as checkpoints:
         model, record = fit(space, recorded, Path(checkpoints), splits=(), prepare=compressed)
     model.save_pretrained(str(folder / "adapter"), TASK_ADAPTER)

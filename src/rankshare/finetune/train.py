@@ -88,6 +88,11 @@ def parameter_counts(model: nn.Module, heads: list[str]) -> dict[str, int]:
     return {"adapter": sum(p.numel() for p in trainable.values()) - head, "head": head}
 
 
+def epochs_for(steps: int, batch_size: int, num_examples: int) -> int:
+    """The fewest epochs of ``num_examples`` that hold ``steps`` steps of ``batch_size`` (max_steps cuts the rest)."""
+    return math.ceil(steps * batch_size / max(1, num_examples))
+
+
 def batch_order(num_examples: int, settings: Settings) -> list[list[int]]:
     """Every step's example indices: a fresh seeded permutation per epoch, cut at max_steps."""
     steps = []

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import rankshare as rs
 
+from ..compress import lora_shapes
 from ..finetune.convert import compress_runs
 from ..finetune.jobs import Job
 from ..finetune.run_folder import write_json
@@ -89,7 +90,7 @@ def run_compression(part: CompressionPart, out: Path, quiet: bool, say) -> None:
                 shutil.copytree(joint / f"rank-{rank}" / task, recovered)
                 done = recover_cores(recovered, part.recover_steps, quiet)
                 before = json.loads((folder / f"joint-r{rank}-{task}.json").read_text())
-                _score(record, recovered, quiet, say, {**{k: before[k] for k in before if k not in ("metrics",)},
+                _score(record, recovered, quiet, say, {**{k: v for k, v in before.items() if k != "metrics"},
                                                         "kind": "joint, recovered", "recovered": done})
         separate = separate_rank(part, rank, loras)
         for task in part.tasks:
@@ -107,7 +108,7 @@ def run_compression(part: CompressionPart, out: Path, quiet: bool, say) -> None:
 def separate_rank(part: CompressionPart, rank: int, loras: dict[str, Path]) -> int:
     """The rank at which the tasks' separate LoTR adapters hold, together, the parameters closest to the joint
     compression's at ``rank`` (basis and cores; heads aside)."""
-    shapes = _shapes(next(iter(loras.values())))
+    shapes = lora_shapes(next(iter(loras.values())) / "adapter")
 
     def lotr(r: int) -> int:
         return rs.LotrConfig(rank=r, target_modules=list(shapes)).num_trainable_parameters(shapes)
@@ -116,21 +117,6 @@ def separate_rank(part: CompressionPart, rank: int, loras: dict[str, Path]) -> i
     joint = lotr(rank) - cores + len(part.tasks) * cores
     limit = min(min(shape) for shape in shapes.values())
     return min(range(1, limit + 1), key=lambda r: abs(len(part.tasks) * lotr(r) - joint))
-
-
-def _shapes(run: Path) -> dict[str, tuple[int, int]]:
-    from safetensors import safe_open
-
-    with safe_open(run / "adapter" / "adapter_model.safetensors", "pt") as weights:
-        keys = list(weights.keys())
-        shapes = {}
-        for key in keys:
-            if key.endswith("lora_A.weight"):
-                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                d_in = weights.get_slice(key).get_shape()[1]
-                d_out = weights.get_slice(key.replace("lora_A", "lora_B")).get_shape()[0]
-                shapes[name] = (d_out, d_in)
-    return shapes
 
 
 def _lora(part: CompressionPart, task: str, run: Path, folder: Path, quiet: bool, say) -> Path:

@@ -79,13 +79,18 @@ def specialisation(router_layers: dict[str, list[list[float]]]) -> float | None:
     return statistics.fmean(distances) if distances else None
 
 
+def by_rank(runs: list[dict]) -> list[tuple[int, list[dict]]]:
+    """The runs grouped by rank, smallest first (each group: the seeds of one configuration)."""
+    groups: dict[int, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["rank"], []).append(run)
+    return sorted(groups.items())
+
+
 def points(runs: list[dict], task: str = "average") -> list[dict]:
     """One point per rank: adapter parameters, and test accuracy and macro-F1 over the seeds."""
-    by_rank: dict[int, list[dict]] = {}
-    for run in runs:
-        by_rank.setdefault(run["rank"], []).append(run)
     result = []
-    for rank, group in sorted(by_rank.items()):
+    for rank, group in by_rank(runs):
         accuracy = mean_std([r["metrics"]["test"][task]["accuracy"] for r in group])
         macro_f1 = mean_std([r["metrics"]["test"][task]["macro_f1"] for r in group])
         result.append({"rank": rank, "parameters": group[0]["trainable_parameters"]["adapter"],
@@ -363,7 +368,7 @@ def rates_figure(part: Part, records: list[dict]):
             continue
         grid = sorted({r["config"]["lr"] for r in runs})
         stats = [mean_std([accuracy(r) for r in runs if r["config"]["lr"] == lr]) for lr in grid]
-        style = "--" if variant.method in ("head-only", "full") else "-"
+        style = "--" if variant.method in BASELINES else "-"
         axes.errorbar(grid, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", capsize=3,
                       linestyle=style, color=f"C{i}", label=variant.label)
         fallen = [r for r in runs if collapsed(r)]
@@ -404,10 +409,7 @@ def comparison_section(part: Part, runs: dict[str, list[dict]]) -> tuple[str, di
     tasks = tasks if len(tasks) > 1 else []
     rows = []
     for variant in part.variants:
-        by_rank: dict[int, list[dict]] = {}
-        for run in runs[variant.name]:
-            by_rank.setdefault(run["rank"], []).append(run)
-        for rank, group in sorted(by_rank.items()):
+        for rank, group in by_rank(runs[variant.name]):
             lr = group[0]["config"]["lr"]
             cells = [variant.label, str(rank) if rank else "—", f"{group[0]['trainable_parameters']['adapter']:,}",
                      f"{lr:g}" if lr else "—"]
@@ -451,11 +453,9 @@ def comparison_figure(part: Part, runs: dict[str, list[dict]], score: str):
         if variant.method == "zero-shot":
             axes.axhline(100 * accuracy(group[0]), color="0.3", linestyle=":", label=variant.label)
             continue
-        by_rank: dict[int, list[dict]] = {}
-        for run in group:
-            by_rank.setdefault(run["rank"], []).append(run)
-        xs = [runs_at[0]["trainable_parameters"]["adapter"] for _, runs_at in sorted(by_rank.items())]
-        stats = [mean_std([accuracy(r) for r in runs_at]) for _, runs_at in sorted(by_rank.items())]
+        groups = by_rank(group)
+        xs = [runs_at[0]["trainable_parameters"]["adapter"] for _, runs_at in groups]
+        stats = [mean_std([accuracy(r) for r in runs_at]) for _, runs_at in groups]
         axes.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", capsize=4,
                       color=f"C{i}", label=variant.label, linestyle="-" if len(xs) > 1 else "none")
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: compact(value)))
@@ -473,11 +473,8 @@ def forgetting_section(parts: list[tuple[Part, dict[str, list[dict]]]]) -> tuple
     rows, series = [], []
     for part, runs in parts:
         for variant in part.variants:
-            by_rank: dict[int, list[dict]] = {}
-            for run in runs[variant.name]:
-                if "forgetting" in run and variant.method != "zero-shot":
-                    by_rank.setdefault(run["rank"], []).append(run)
-            for rank, group in sorted(by_rank.items()):
+            measured = [run for run in runs[variant.name] if "forgetting" in run and variant.method != "zero-shot"]
+            for rank, group in by_rank(measured):
                 change = mean_std([r["forgetting"]["change"] for r in group])
                 rows.append([part.name, variant.label, str(rank), f"{group[0]['trainable_parameters']['adapter']:,}",
                              f"{group[0]['forgetting']['base_loss']:.3f}", f"{change[0]:+.3f} ± {change[1]:.3f}",

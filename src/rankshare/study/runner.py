@@ -8,7 +8,6 @@ an interrupted study goes on where it stopped. The checkpoint of the run in prog
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import shutil
@@ -24,11 +23,11 @@ from ..config import AdapterConfig, ExternalAdapterConfig, method_class
 from ..errors import RankshareError
 from ..finetune.budget import closest_rank
 from ..finetune.evaluation import evaluate
-from ..finetune.jobs import BASIS_ADAPTER, Job, job_on_basis
+from ..finetune.jobs import BASIS_ADAPTER, Job, job_data, job_on_basis
 from ..finetune.models import head_modules
 from ..finetune.run_folder import write_json
 from ..finetune.running import Workspace, fit, run_method
-from ..finetune.train import Settings, attach_adapter, versions
+from ..finetune.train import Settings, attach_adapter, epochs_for, versions
 from .forgetting import forgetting
 from .plan import BASELINES, Part, Variant, part_from_dict, rates, search_rank, search_seeds
 
@@ -64,9 +63,8 @@ def prepare(parts: list[Part], out: Path) -> None:
     if recorded.is_file():
         before = json.loads(recorded.read_text())
         current = {part["name"]: part for part in plan}
-        started = [part for part in before["parts"] if (out / part["name"]).is_dir()]
-        if any(current.get(part["name"], plain(part_from_dict(part))) != plain(part_from_dict(part))
-               for part in started):
+        started = [plain(part_from_dict(part)) for part in before["parts"] if (out / part["name"]).is_dir()]
+        if any(current.get(part["name"], part) != part for part in started):
             raise RankshareError(f"--out {out} holds the runs of another study plan; choose another folder "
                                  "(or delete it to start again).")
         names = [part["name"] for part in before["parts"]]
@@ -95,12 +93,8 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
               for v in part.variants}
     if part.rates_from:  # the rates another part chose, no search here
         chosen = rates_chosen_by(out / part.rates_from, part)
-        write_json(folder / SEARCH_FILE, {"learning_rates": {name: {"chosen": lr, "from": part.rates_from}
-                                                             for name, lr in chosen.items()},
-                                          "load_seconds": load_seconds, "targets": space.targets,
-                                          "examples": {"train": len(space.splits.train),
-                                                       "validation": len(space.splits.validation),
-                                                       "test": len(space.splits.test)}})
+        write_search(folder, {name: {"chosen": lr, "from": part.rates_from} for name, lr in chosen.items()},
+                     load_seconds, space)
         for seed in part.seeds:
             for variant in part.variants:
                 for rank in ranks[variant.name]:
@@ -127,10 +121,7 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
                                 "validation_accuracy": {f"{lr:g}": s for lr, s in means.items()},
                                 "chosen": chosen[variant.name]}
     # Written before the final runs: the report reads each variant's chosen rate from here.
-    write_json(folder / SEARCH_FILE, {"learning_rates": search, "load_seconds": load_seconds, "targets": space.targets,
-                                      "examples": {"train": len(space.splits.train),
-                                                   "validation": len(space.splits.validation),
-                                                   "test": len(space.splits.test)}})
+    write_search(folder, search, load_seconds, space)
     for seed in part.seeds:
         for variant in part.variants:
             if variant.method == "zero-shot":
@@ -140,6 +131,14 @@ def run_part(part: Part, out: Path, quiet: bool, say) -> None:
             lr = chosen[variant.lr_from or variant.name]
             for rank in ranks[variant.name]:
                 run_once(spaces[variant.name], part, variant, rank, lr, seed, ("test",), out, say)
+
+
+def write_search(folder: Path, rates: dict, load_seconds: float, space: Workspace) -> None:
+    """The part's search.json: each variant's rate (and how it was chosen), the targets and the split sizes."""
+    write_json(folder / SEARCH_FILE, {"learning_rates": rates, "load_seconds": load_seconds, "targets": space.targets,
+                                      "examples": {"train": len(space.splits.train),
+                                                   "validation": len(space.splits.validation),
+                                                   "test": len(space.splits.test)}})
 
 
 def rates_chosen_by(folder: Path, part: Part) -> dict[str, float]:
@@ -177,10 +176,11 @@ def basis_space(part: Part, variant: Variant, rank: int, out: Path, quiet: bool,
     task: that run is trained first (seed 0, the part's schedule), once, and its record kept in ``<part>/basis/``."""
     name = f"{variant.basis_data}-{variant.method}-r{rank}-lr{variant.basis_lr:g}"
     folder = out / BASES / part.name / name
-    settings = {"seed": 0, "lr": variant.basis_lr, "batch_size": part.batch_size, "max_steps": part.steps,
-                "epochs": math.ceil(part.steps * part.batch_size / part.max_train) if part.steps else 1}
     job = Job(methods=[variant.method], model=part.model, data=variant.basis_data, max_train=part.max_train,
-              max_eval=part.max_eval, max_length=part.max_length, settings=settings)
+              max_eval=part.max_eval, max_length=part.max_length)
+    epochs = epochs_for(part.steps, part.batch_size, len(job_data(job).train)) if part.steps else 1
+    job = replace(job, settings={"seed": 0, "lr": variant.basis_lr, "batch_size": part.batch_size,
+                                 "max_steps": part.steps, "epochs": epochs})
     if not (folder / "metrics.json").is_file():
         source = Workspace(job, quiet)
         _initialise_head(source, 0)
@@ -219,7 +219,7 @@ def run_once(space: Workspace, part: Part, variant: Variant, rank: int, lr: floa
         return json.loads(path.read_text())
     started = time.perf_counter()
     steps = part.search_steps if search else part.steps
-    epochs = math.ceil(steps * part.batch_size / part.max_train) if steps else 1
+    epochs = epochs_for(steps, part.batch_size, len(space.splits.train)) if steps else 1
     adapter = ({"method": variant.method, "rank": 0} if variant.method in BASELINES
                else variant_config(variant, rank, space.targets).to_dict())
     settings = Settings(adapter=adapter, lr=lr, seed=seed, batch_size=part.batch_size, epochs=epochs, max_steps=steps)

@@ -28,7 +28,8 @@ def test_full_plan_follows_the_rules():
     parts = {part.name: part for part in full_plan()}
     assert set(parts) == {"lotr-minilm-news", "lotr-minilm-sentiment", "mor-minilm-news+sentiment",
                           "lotr-smollm2-sentiment", "lotr-minilm-sentiment-lower-rate", "power-minilm-sentiment",
-                          "power-minilm-sentiment-960-steps", "deep-smollm2-sentiment", "downstream-minilm-news",
+                          "power-minilm-sentiment-960-steps", "deep-smollm2-sentiment", "shallow-minilm-sentiment",
+                          "downstream-minilm-news",
                           "downstream-minilm-sentiment", "multitask-smollm2-skills"}
     for part in (p for p in parts.values() if p.steps is None):  # the first study's parts (test_study_power.py)
         assert part.seeds == (0, 1, 2)

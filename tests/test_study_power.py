@@ -24,8 +24,9 @@ from rankshare.study.plan import (
     multitask_part,
     power_part,
     schedule_part,
+    shallow_part,
 )
-from rankshare.study.report import collapsed, layer_distances, paired_difference, write_summary
+from rankshare.study.report import collapsed, layer_distances, paired_difference, precision_note, write_summary
 from rankshare.study.runner import variant_config
 
 MINILM_SHAPES = {f"layer.{i}.{name}": (384, 384) for i in range(6) for name in ("query", "value")}
@@ -74,6 +75,24 @@ def test_part_2_spans_lora_r1_to_r4_on_the_deep_model():
     assert count(variants["lotr-frozen"], 32, SMOLLM2_SHAPES) == 60 * 32 * 32
 
 
+def test_the_shallow_part_asks_part_2s_question_on_six_layers():
+    part, deep = shallow_part(), deep_part()
+    assert part.model == "minilm" and part.rates_from == power_part().name and part.steps == power_part().steps
+    variants = {v.name: v for v in part.variants}
+    assert variants.keys() == {v.name for v in deep.variants if v.method != "zero-shot"}
+    assert variants["lora"].ranks == (1, 4)
+    r1, r4 = (count(variants["lora"], r, MINILM_SHAPES) for r in (1, 4))
+    assert (r1, r4) == (9_216, 36_864)  # 12 projections x r x (384 + 384)
+    # trainable factors: U and V per projection name (2 x 2 x 384 r), one r x r core per layer and name
+    assert [count(variants["lotr"], r, MINILM_SHAPES) for r in variants["lotr"].ranks] == [
+        1536 * r + 12 * r * r for r in (2, 6, 20)] == [3_120, 9_648, 35_520]
+    assert [count(variants["lotr-frozen"], r, MINILM_SHAPES) for r in variants["lotr-frozen"].ranks] == [
+        768, 9_408, 37_632]  # 12 r^2, the cores alone
+    for name in ("lotr", "lotr-frozen"):  # the same span as part 2: far below r = 1's count, about r = 1's, r = 4's
+        counts = [count(variants[name], r, MINILM_SHAPES) for r in variants[name].ranks]
+        assert counts[0] < r1 / 2 and abs(counts[1] - r1) < 0.05 * r1 and abs(counts[2] - r4) < 0.05 * r4
+
+
 def test_part_4_has_a_second_budget_where_mor_keeps_loras_rank():
     part = multitask_part()
     assert part.data == "skills" and part.steps >= 300 and len(part.seeds) >= 3 and part.forgetting
@@ -99,6 +118,14 @@ def test_paired_difference_is_students_t_over_seeds():
     assert result["seeds"] == 3 and result["mean"] == pytest.approx(0.02)
     assert (result["low"], result["high"]) == pytest.approx((0.02 - half, 0.02 + half), rel=1e-5)
     assert paired_difference(other[:1], lora)["seeds"] == 1
+
+
+def test_the_precision_note_gives_one_examples_worth_and_the_interval_widths():
+    wide = {"mean": 0.01, "low": -0.02, "high": 0.04, "seeds": 5}  # ±3 points
+    narrow = {"mean": 0.0, "low": -0.005, "high": 0.005, "seeds": 5}  # ±0.5
+    note = precision_note(500, [None, wide, narrow, {"mean": 0.1, "low": math.nan, "high": math.nan, "seeds": 1}])
+    assert "worth 0.20 points" in note and "±0.5 to ±3.0 points" in note
+    assert "intervals" not in precision_note(504, [None])
 
 
 def test_collapse_is_one_class_taking_four_fifths_of_the_predictions():

@@ -119,6 +119,7 @@ def full_plan() -> list[Part]:
         power_part(),
         schedule_part(),
         deep_part(),
+        shallow_part(),
         downstream_part("news", "sentiment"),
         downstream_part("sentiment", "news"),
         multitask_part(),
@@ -191,6 +192,23 @@ def deep_part() -> Part:
     return Part("deep-smollm2-sentiment", "parameter-efficiency", model="smollm2", data="sentiment", max_train=2400,
                 max_eval=500, max_length=48, batch_size=8, learning_rates=DEEP_RATES, seeds=(0, 1, 2),
                 variants=variants, steps=300, search_steps=100, forgetting=64)
+
+
+def shallow_part() -> Part:
+    """Part 2's question on a 6-layer model: LoTR against LoRA r = 1 and 4 on MiniLM at part 1's schedule and rates,
+    3 seeds. Does LoTR's advantage grow from 6 layers to 30? MiniLM's 12 projections are all 384 × 384: LoRA r has
+    9,216 r parameters, LoTR with trainable factors 1,536 r + 12 r², frozen Tucker LoTR 12 r². The ranks span the
+    same range as part 2's: trainable r = 2, 6, 20 (3,120; 9,648; 35,520), frozen r = 8, 28, 56 (768; 9,408; 37,632).
+    """
+    part = power_part()
+    variants = [
+        Variant("lora", "LoRA (PEFT)", "lora", (1, 4)),
+        Variant("lotr", "LoTR, trainable U and V", "lotr", (2, 6, 20), options={"share": "by_name"}),
+        Variant("lotr-frozen", "LoTR, frozen Tucker U and V", "lotr", (8, 28, 56),
+                options={"init": "tucker", "freeze_factors": True}),
+    ]
+    return replace(part, name="shallow-minilm-sentiment", claim="parameter-efficiency", learning_rates=(),
+                   seeds=(0, 1, 2), search_seeds=(0,), variants=variants, rates_from=part.name)
 
 
 def downstream_part(target: str, source: str) -> Part:

@@ -319,6 +319,17 @@ def _ci(difference: dict | None) -> str:
     return f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
 
 
+def precision_note(test_examples: int, differences: list[dict | None]) -> str:
+    """What a part can tell apart: the worth of one test example, and how wide its paired intervals came out."""
+    text = f"One test example is worth {100 / test_examples:.2f} points of the average."
+    halves = [100 * (d["high"] - d["low"]) / 2 for d in differences if d and d["seeds"] >= 2]
+    if halves:
+        text += (f" The paired 95 % intervals against LoRA reach ±{min(halves):.1f} to ±{max(halves):.1f} points "
+                 "either side of their means: a difference smaller than its interval's half-width cannot be told from "
+                 "what another choice of seeds would give.")
+    return text
+
+
 def power_section(part: Part, search: dict, records: list[dict]) -> tuple[str, dict]:
     """Part 1: per rate, every variant's accuracy and collapses; at the rates validation chose, the paired
     differences against LoRA; the plots of both."""
@@ -337,13 +348,14 @@ def power_section(part: Part, search: dict, records: list[dict]) -> tuple[str, d
                   grid_rows)
     runs = final_runs(part, search, records)
     baseline = runs.get("lora", [])
-    rows = []
+    rows, differences = [], []
     for variant in part.variants:
         group = runs[variant.name]
         if not group:
             continue
         lr = group[0]["config"]["lr"]
         difference = None if variant.name == "lora" else paired_difference(group, baseline)
+        differences.append(difference)
         rows.append([variant.label, str(group[0]["rank"]) if group[0]["rank"] else "—",
                      f"{group[0]['trainable_parameters']['adapter']:,}", f"{lr:g}" if lr else "—",
                      _pm(mean_std([accuracy(r) for r in group])),
@@ -354,7 +366,8 @@ def power_section(part: Part, search: dict, records: list[dict]) -> tuple[str, d
                     "Δ accuracy vs LoRA, points [95 % CI]", "collapsed", "train s/run"], rows)
     images = {f"{part.name}-rates.png": rates_figure(part, records),
               f"{part.name}-paired.png": paired_figure(part, runs)}
-    return grid + "\n\nAt each variant's chosen rate (paired by seed):\n\n" + table, images
+    note = precision_note(search["examples"]["test"], differences)
+    return grid + "\n\nAt each variant's chosen rate (paired by seed):\n\n" + table + "\n\n" + note, images
 
 
 def rates_figure(part: Part, records: list[dict]):
@@ -399,7 +412,7 @@ def paired_figure(part: Part, runs: dict[str, list[dict]]):
     return figure
 
 
-def comparison_section(part: Part, runs: dict[str, list[dict]]) -> tuple[str, dict]:
+def comparison_section(part: Part, runs: dict[str, list[dict]], test_examples: int) -> tuple[str, dict]:
     """A part of the powered study past the first (2, 3, 4): per variant and rank, the test scores per task, the
     paired difference against LoRA (at its smallest rank), the forgetting measure, and the zero-shot floor."""
     baseline = next((v for v in part.variants if v.method == "lora"), None)
@@ -407,7 +420,7 @@ def comparison_section(part: Part, runs: dict[str, list[dict]]) -> tuple[str, di
     reference = [r for r in reference if r["rank"] == reference[0]["rank"]] if reference else []
     tasks = sorted({t for group in runs.values() for r in group for t in r["metrics"]["test"] if t != "average"})
     tasks = tasks if len(tasks) > 1 else []
-    rows = []
+    rows, differences = [], []
     for variant in part.variants:
         for rank, group in by_rank(runs[variant.name]):
             lr = group[0]["config"]["lr"]
@@ -416,7 +429,9 @@ def comparison_section(part: Part, runs: dict[str, list[dict]]) -> tuple[str, di
             cells += [_pm(mean_std([accuracy(r, task=t) for r in group])) for t in tasks]
             cells.append(_pm(mean_std([accuracy(r) for r in group])))
             same = group is reference or (reference and group[0] is reference[0])
-            cells.append("—" if same or variant.method == "zero-shot" else _ci(paired_difference(group, reference)))
+            difference = None if same or variant.method == "zero-shot" else paired_difference(group, reference)
+            differences.append(difference)
+            cells.append(_ci(difference))
             change = [r["forgetting"]["change"] for r in group if "forgetting" in r]
             if part.forgetting:
                 cells.append(f"{mean_std(change)[0]:+.3f} ± {mean_std(change)[1]:.3f}" if change else "—")
@@ -436,7 +451,8 @@ def comparison_section(part: Part, runs: dict[str, list[dict]]) -> tuple[str, di
     images = {f"{part.name}.png": comparison_figure(part, runs, score)}
     if tasks:
         images[f"{part.name}-routing-by-layer.png"] = routing_figure(part, runs)
-    return _table(header, rows), {name: image for name, image in images.items() if image is not None}
+    table = _table(header, rows) + "\n\n" + precision_note(test_examples, differences)
+    return table, {name: image for name, image in images.items() if image is not None}
 
 
 def comparison_figure(part: Part, runs: dict[str, list[dict]], score: str):
@@ -562,7 +578,7 @@ def write_summary(out: Path) -> Path:
         elif part.claim == "schedule":
             table = schedule_section(part, records, out)
         elif part.steps:  # the parts of the powered study
-            table, images = comparison_section(part, runs)
+            table, images = comparison_section(part, runs, search["examples"]["test"])
             if part.forgetting:
                 generative.append((part, runs))
         elif part.claim == "parameter-efficiency":

@@ -2,7 +2,8 @@
 
 Every run's record is written to ``<out>/<part>/<run>.json`` as soon as it ends and is never trained again:
 an interrupted study goes on where it stopped. The checkpoint of the run in progress lives in
-``<out>/.checkpoints`` and goes when the run ends.
+``<out>/.checkpoints/<part>`` and goes when the run ends. Two processes may run two different parts in one folder
+at once (``--parts``); a part must not run in two.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def run_study(parts: list[Part], names: list[str], out: Path, quiet: bool, say) 
         started = time.perf_counter()
         run_part(part, out, quiet, say)
         say(f"{part.name}: done in {time.perf_counter() - started:.0f} s")
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        # This part's alone: another process may be running another part in the same folder.
+        shutil.rmtree(out / CHECKPOINTS / part.name, ignore_errors=True)
 
 
 def prepare(parts: list[Part], out: Path) -> None:

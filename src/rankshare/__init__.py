@@ -1,6 +1,6 @@
 """rankshare: parameter-efficient fine-tuning with shared low-rank structure (LoTR, MoR, MoE-LoRA)."""
 
-from .config import AdapterConfig, ExternalAdapterConfig, methods, register
+from .config import AdapterConfig, ExternalAdapterConfig, Recipe, methods, register
 from .errors import RankshareError
 from .export import export_peft
 from .layer import AdapterLayer
@@ -35,6 +35,7 @@ __all__ = [
     "MorLayer",
     "PeftLoraConfig",
     "RankshareError",
+    "Recipe",
     "SavedModule",
     "__version__",
     "adapt",

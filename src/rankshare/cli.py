@@ -14,7 +14,7 @@ import warnings
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .config import methods
+from .config import OBJECTIVES, methods
 from .errors import RankshareError
 from .finetune.models import DTYPES
 from .finetune.report import markdown_table
@@ -84,7 +84,10 @@ def _add_method_options(group) -> None:
     """``--option`` for each method option; left out, it is None and each method keeps its own default."""
     for name, (spec, owners) in method_options().items():
         flag = "--" + name.replace("_", "-")
-        about = f"{spec.metadata.get('help', name.replace('_', ' '))} ({', '.join(owners)}; default: {spec.default})"
+        recipes = [f"{method} {objective}: {methods()[method].recipe(objective).options[name]}" for method in owners
+                   for objective in OBJECTIVES if name in methods()[method].recipe(objective).options]
+        about = (f"{spec.metadata.get('help', name.replace('_', ' '))} ({', '.join(owners)}; default: {spec.default}"
+                 f"{'; '.join(['', *recipes])})")
         if isinstance(spec.default, bool):
             arguments = {"action": argparse.BooleanOptionalAction}
         elif isinstance(spec.default, int):
@@ -98,6 +101,18 @@ def _add_method_options(group) -> None:
         except argparse.ArgumentError:  # another method's option, or one of rankshare's own, holds the name
             warnings.warn(f"rankshare: {flag} of {', '.join(owners)} clashes with another option of the same name; "
                           "it cannot be set from the command line.", stacklevel=2)
+
+
+def _default_rates() -> str:
+    """Each method's recipe rates: one where every objective has the same, else per objective."""
+    shown = []
+    for name, cls in methods().items():
+        rates = {objective: cls.recipe(objective).learning_rate for objective in OBJECTIVES}
+        if len(set(rates.values())) == 1:
+            shown.append(f"{name} {rates['classify']:g}")
+        else:
+            shown.append(f"{name} " + ", ".join(f"{rate:g} ({objective})" for objective, rate in rates.items()))
+    return "; ".join(shown)
 
 
 def _option_dest(name: str) -> str:
@@ -169,9 +184,8 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     schedule = parser.add_argument_group("training")
     schedule.add_argument("--epochs", type=_positive_int, default=1, help="(default: %(default)s)")
     schedule.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
-    rates = ", ".join(f"{m} {cls.learning_rate:g}" for m, cls in methods().items())
     schedule.add_argument("--lr", type=_positive_float, help=f"peak learning rate, AdamW, linear warm-up and decay "
-                          f"(default per method: {rates})")
+                          f"(default per method and objective: {_default_rates()})")
     schedule.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
     schedule.add_argument("--seed", type=int, default=0,
                           help="decides the split, init and order (default: %(default)s)")

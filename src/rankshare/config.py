@@ -26,6 +26,21 @@ from .errors import RankshareError
 LARGEST_SIZE = 2**31 - 1
 ENTRY_POINT_GROUP = "rankshare.methods"
 COMMON_FIELDS = ("rank", "target_modules", "alpha")
+# What a run trains, as the fine-tuning command names it; recipes are kept per objective.
+OBJECTIVES = ("classify", "text_to_label", "lm", "sft")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method's command-line defaults for one objective, and the evidence they come from.
+
+    source: where they were chosen, as ``<study part>/<variant>`` of docs/results, or why there is no such part.
+    options: the method's own options (its config's fields) that this objective sets, under those the user gives.
+    """
+
+    learning_rate: float
+    source: str
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -47,8 +62,10 @@ class AdapterConfig(abc.ABC):
     method: ClassVar[str] = ""  # the registry's key, in files and on the command line
     title: ClassVar[str] = ""  # the name reports print
     merge_needs_gates: ClassVar[bool] = False  # True when the update depends on per-token gates
-    # The fine-tuning command's default peak learning rate for this method.
+    # The fine-tuning command's default peak learning rate for this method, where it has no recipe for the objective.
     learning_rate: ClassVar[float] = 3e-3
+    # Per objective (one of OBJECTIVES): the defaults the evidence study chose for this method (see ``recipe``).
+    recipes: ClassVar[dict[str, Recipe]] = {}
     # Options the budget planner may change when no rank comes close enough to a budget, with the values to try.
     budget_alternatives: ClassVar[dict[str, tuple]] = {}
     # Whether an adapter of this method can use the shared modules of another adapter of it (a basis): such a
@@ -86,6 +103,13 @@ class AdapterConfig(abc.ABC):
     @abc.abstractmethod
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
         """The exact trainable adapter parameters for targets name -> ``(d_out, d_in)``, from the closed form."""
+
+    @classmethod
+    def recipe(cls, objective: str) -> Recipe:
+        """The defaults for ``objective``: the study's recipe, or ``learning_rate`` and the options' own defaults."""
+        if objective not in OBJECTIVES:
+            raise RankshareError(f"Unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}.")
+        return cls.recipes.get(objective, Recipe(cls.learning_rate, f"{cls.__name__}.learning_rate"))
 
     @classmethod
     def options(cls) -> dict[str, dataclasses.Field]:

@@ -110,34 +110,38 @@ def job_objective(kind: str, tokenizer, tasks, job: Job):
                           layout=job.prompt_layout)
 
 
-def job_config(job: Job, method: str, rank: int, targets, options: dict | None = None) -> AdapterConfig:
-    """One method's config for ``job``: its own options from ``job.options`` unless ``options`` are given."""
+def job_config(job: Job, method: str, rank: int, targets, kind: str, options: dict | None = None) -> AdapterConfig:
+    """One method's config for ``job``: its own options from ``job.options`` over its recipe's for objective ``kind``
+    (none on a basis, which fixes them), unless ``options`` are given."""
     cls = method_class(method)
     if options is None:
-        options = {name: value for name, value in job.options.items() if name in cls.options()}
+        given = {name: value for name, value in job.options.items() if name in cls.options()}
+        options = given if job.basis else {**cls.recipe(kind).options, **given}
     config = cls(rank=rank, alpha=job.alpha, target_modules=targets, **options)
     return config.on_basis(BASIS_ADAPTER) if job.basis else config
 
 
-def plan_adapters(job: Job, shapes: dict[str, tuple[int, int]], targets) -> dict[str, tuple[AdapterConfig | None, str]]:
-    """Each method's config and a note: --rank for all, or the budget planner's rank (and options); a
-    method the planner leaves out has no config."""
-    asked = [job_config(job, method, job.rank or 8, targets) for method in job.methods]
+def plan_adapters(job: Job, shapes: dict[str, tuple[int, int]], targets,
+                  kind: str) -> dict[str, tuple[AdapterConfig | None, str]]:
+    """Each method's config for objective ``kind`` and a note: --rank for all, or the budget planner's rank (and
+    options); a method the planner leaves out has no config."""
+    asked = [job_config(job, method, job.rank or 8, targets, kind) for method in job.methods]
     if job.budget is None:
         given = f"on the factors of {job.basis}" if job.basis else "given"
         return {config.method: (config, f"rank {config.rank} ({given})") for config in asked}
     plans = plan_all(asked, shapes, job.budget)
-    return {plan.method: (job_config(job, plan.method, plan.rank, targets, plan.options) if plan.reachable else None,
-                          plan.note) for plan in plans}
+    return {plan.method: (job_config(job, plan.method, plan.rank, targets, kind, plan.options) if plan.reachable
+                          else None, plan.note) for plan in plans}
 
 
 def dry_run(job: Job) -> dict[str, tuple[AdapterConfig | None, str]]:
     """The plan of ``job`` from the model's architecture alone: no weights, no data, no training."""
     source = resolve_model(job.model)
     instructions = job.objective == "sft" or is_skills(job.data)  # a file is not read to find out
-    skeleton = model_skeleton(source, causal=objective_kind(job, source, instructions) != "classify")
+    kind = objective_kind(job, source, instructions)
+    skeleton = model_skeleton(source, causal=kind != "classify")
     targets = job.target_modules or default_targets(skeleton)
-    return plan_adapters(job, target_shapes(skeleton, targets), targets)
+    return plan_adapters(job, target_shapes(skeleton, targets), targets, kind)
 
 
 def methods_on_a_basis() -> list[str]:

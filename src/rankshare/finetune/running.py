@@ -127,8 +127,11 @@ def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | No
 
 
 def run_method(space: Workspace, config: AdapterConfig, folder: Path, stop_after: int | None = None) -> dict:
-    """Train, evaluate and save one adapter in ``folder``; resumes from a checkpoint there."""
+    """Train, evaluate and save one adapter in ``folder``; resumes from a checkpoint there. Without a rate in the
+    job's settings, the method's recipe for the objective gives it."""
     settings = Settings(adapter=config.to_dict(), **space.job.settings)
+    if settings.lr is None:
+        settings.lr = type(config).recipe(space.kind).learning_rate
     model, record = fit(space, settings, folder, stop_after)
     if record and distributed.is_main():
         model.save_pretrained(str(folder / "adapter"))
@@ -148,7 +151,7 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
         check_out(out, overwrite)
     started = time.perf_counter()
     space = Workspace(job, quiet)
-    plans = plan_adapters(job, space.shapes, space.targets)
+    plans = plan_adapters(job, space.shapes, space.targets, space.kind)
     if not resuming and main:
         if out.exists():
             shutil.rmtree(out)

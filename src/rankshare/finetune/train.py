@@ -36,7 +36,8 @@ CHECKPOINT = "checkpoint.pt"
 class Settings:
     """Everything that decides a run's result: the adapter's config and the schedule.
 
-    ``lr`` None takes the method's own default (``AdapterConfig.learning_rate``).
+    ``lr`` None: the fine-tuning command fills it from the method's recipe for the objective
+    (``AdapterConfig.recipe``); left None, it is the method's ``AdapterConfig.learning_rate``.
     """
 
     adapter: dict  # AdapterConfig.to_dict(): method, rank, alpha, target_modules and the method's options

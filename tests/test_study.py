@@ -175,7 +175,7 @@ def test_rates_are_chosen_on_validation_not_test(tiny_part, tmp_path, monkeypatc
         metrics = {split: {"average": {"accuracy": scores[split], "macro_f1": scores[split] / 2}} for split in splits}
         return None, {"method": settings.method, "rank": settings.rank, "seed": settings.seed, "metrics": metrics,
                       "config": {"lr": settings.lr}, "trainable_parameters": {"adapter": 10 * settings.rank, "head": 2},
-                      "train_seconds": 1.0}
+                      "train_seconds": 1.0, "versions": {"threads": "2"}}
 
     monkeypatch.setattr(runner, "fit", scripted_fit)
     part = Part(**{**tiny_part.__dict__, "name": "scripted", "learning_rates": (1e-3, 3e-2), "seeds": (0, 1, 2),

@@ -26,7 +26,14 @@ from rankshare.study.plan import (
     schedule_part,
     shallow_part,
 )
-from rankshare.study.report import collapsed, layer_distances, paired_difference, precision_note, write_summary
+from rankshare.study.report import (
+    collapsed,
+    layer_distances,
+    paired_difference,
+    precision_note,
+    train_seconds,
+    write_summary,
+)
 from rankshare.study.runner import variant_config
 
 MINILM_SHAPES = {f"layer.{i}.{name}": (384, 384) for i in range(6) for name in ("query", "value")}
@@ -118,6 +125,14 @@ def test_paired_difference_is_students_t_over_seeds():
     assert result["seeds"] == 3 and result["mean"] == pytest.approx(0.02)
     assert (result["low"], result["high"]) == pytest.approx((0.02 - half, 0.02 + half), rel=1e-5)
     assert paired_difference(other[:1], lora)["seeds"] == 1
+
+
+def test_run_times_come_from_the_runs_that_had_the_machine_to_themselves():
+    def run(seconds, threads):
+        return {"train_seconds": seconds, "versions": {"threads": str(threads)}}
+
+    assert train_seconds([run(100, 2), run(300, 1), run(120, 2)]) == "110 (2 at 2 threads)"
+    assert train_seconds([run(300, 1), run(200, 1)]) == "250"
 
 
 def test_the_precision_note_gives_one_examples_worth_and_the_interval_widths():

@@ -330,6 +330,18 @@ def precision_note(test_examples: int, differences: list[dict | None]) -> str:
     return text
 
 
+def threads(record: dict) -> int:
+    return int(record["versions"]["threads"])
+
+
+def train_seconds(group: list[dict]) -> str:
+    """Mean training seconds per run, of the runs with the most threads: a run with fewer shared the machine with
+    another part's (two parts at a time, one thread each), which takes longer per run and says nothing of the method."""
+    most = max(map(threads, group))
+    timed = [r["train_seconds"] for r in group if threads(r) == most]
+    return f"{statistics.fmean(timed):.0f}" + (f" ({len(timed)} at {most} threads)" if len(timed) < len(group) else "")
+
+
 def power_section(part: Part, search: dict, records: list[dict]) -> tuple[str, dict]:
     """Part 1: per rate, every variant's accuracy and collapses; at the rates validation chose, the paired
     differences against LoRA; the plots of both."""
@@ -361,9 +373,9 @@ def power_section(part: Part, search: dict, records: list[dict]) -> tuple[str, d
                      _pm(mean_std([accuracy(r) for r in group])),
                      _pm(mean_std([r["metrics"]["test"]["average"]["macro_f1"] for r in group])),
                      _ci(difference), f"{sum(map(collapsed, group))} of {len(group)}",
-                     f"{statistics.fmean(r['train_seconds'] for r in group):.0f}"])
+                     train_seconds(group)])
     table = _table(["variant", "rank", "trainable params", "rate", "test accuracy %", "test macro-F1 %",
-                    "Δ accuracy vs LoRA, points [95 % CI]", "collapsed", "train s/run"], rows)
+                    "Δ accuracy vs LoRA, points [95 % CI]", "collapsed", "train s/run (most threads)"], rows)
     images = {f"{part.name}-rates.png": rates_figure(part, records),
               f"{part.name}-paired.png": paired_figure(part, runs)}
     note = precision_note(search["examples"]["test"], differences)
@@ -606,7 +618,8 @@ def write_summary(out: Path) -> Path:
         merges.append(merge_rows(part, runs))
         searched = [json.loads(p.read_text()) for p in sorted((out / part.name / "search").glob("*.json"))]
         minutes = (sum(r["wall_seconds"] for r in records + searched) + search["load_seconds"]) / 60
-        times.append([part.name, str(len(records) + len(searched)), f"{minutes:.1f}"])
+        counts = sorted({threads(r) for r in records + searched}, reverse=True)
+        times.append([part.name, str(len(records) + len(searched)), f"{minutes:.1f}", ", ".join(map(str, counts))])
     forgetting = forgetting_section(generative)
     if forgetting:
         table, figure = forgetting_section(generative)
@@ -633,7 +646,10 @@ def write_summary(out: Path) -> Path:
         text += "\n## Merged LoTR against unmerged (test split)\n\n"
         text += _table(["part", "runs", "equal accuracy", "max |Δ accuracy| (points)", "max |Δ output|",
                         "max |output|"], merges) + "\n"
-    text += "\n## Wall time\n\n" + _table(["part", "runs", "minutes (runs + loading)"], times) + "\n"
+    text += ("\n## Wall time\n\nEach part's runs, one after another. A part whose runs had one thread (of the "
+             "machine's two) ran beside another part that had the other: each of its runs took longer, two ran at a "
+             "time.\n\n")
+    text += _table(["part", "runs", "minutes (runs + loading)", "threads per run"], times) + "\n"
     total = sum(float(row[2]) for row in times)
     text += f"\nTotal: {total:.1f} minutes.\n"
     path = out / SUMMARY

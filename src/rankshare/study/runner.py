@@ -8,6 +8,7 @@ at once (``--parts``); a part must not run in two.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -50,6 +51,8 @@ def run_study(parts: list[Part], names: list[str], out: Path, quiet: bool, say) 
         say(f"{part.name}: done in {time.perf_counter() - started:.0f} s")
         # This part's alone: another process may be running another part in the same folder.
         shutil.rmtree(out / CHECKPOINTS / part.name, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the folder itself, unless another part's checkpoints are in it
+            (out / CHECKPOINTS).rmdir()
 
 
 def prepare(parts: list[Part], out: Path) -> None:

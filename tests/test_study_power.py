@@ -28,6 +28,7 @@ from rankshare.study.plan import (
 )
 from rankshare.study.report import (
     collapsed,
+    equal_accuracy_note,
     layer_distances,
     paired_difference,
     precision_note,
@@ -133,6 +134,21 @@ def test_run_times_come_from_the_runs_that_had_the_machine_to_themselves():
 
     assert train_seconds([run(100, 2), run(300, 1), run(120, 2)]) == "110 (2 at 2 threads)"
     assert train_seconds([run(300, 1), run(200, 1)]) == "250"
+
+
+def test_equal_accuracy_is_the_smallest_adapter_whose_mean_reaches_loras():
+    def runs(rank, parameters, scores):
+        return [{"rank": rank, "seed": seed, "trainable_parameters": {"adapter": parameters},
+                 "metrics": {"test": {"average": {"accuracy": score}}}} for seed, score in enumerate(scores)]
+
+    part = Part("p", "parameter-efficiency", "m", "d", 1, 1, 1, 1, (1e-3,), (0, 1),
+                [Variant("lora", "LoRA", "lora", (1, 4)), Variant("lotr", "LoTR", "lotr", (2, 8, 32))])
+    grouped = {"lora": runs(1, 1000, (0.70, 0.72)) + runs(4, 4000, (0.74, 0.76)),
+               "lotr": runs(2, 100, (0.60, 0.80)) + runs(8, 500, (0.72, 0.73)) + runs(32, 5000, (0.70, 0.71))}
+    note = equal_accuracy_note(part, grouped)
+    # r = 2's mean (70 %) falls short of 71 % though one seed is above it; r = 8's reaches it
+    assert "LoRA r=1 (71.0 %, 1,000 parameters): LoTR r=8, 500 (2.0× fewer)" in note
+    assert "LoRA r=4 (75.0 %, 4,000 parameters): LoTR: none of its ranks" in note
 
 
 def test_the_precision_note_gives_one_examples_worth_and_the_interval_widths():

@@ -115,6 +115,13 @@ def _default_rates() -> str:
     return "; ".join(shown)
 
 
+def _default_ranks() -> str:
+    """The ranks of the recipes that set one, else 8."""
+    shown = [f"{name} {cls.recipe(objective).rank} ({objective})" for name, cls in methods().items()
+             for objective in OBJECTIVES if cls.recipe(objective).rank]
+    return "; ".join(shown + ["8 otherwise" if shown else "8"])
+
+
 def _option_dest(name: str) -> str:
     # Apart from rankshare's own arguments, so that an option skipped for a clash is never read from theirs.
     return f"method_option:{name}"
@@ -171,7 +178,8 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                       help="recompute the base model's activations in backward: less memory, more time")
 
     size = parser.add_argument_group("adapter size")
-    size.add_argument("--rank", type=_positive_int, help="rank r of every method (default: 8 unless --budget)")
+    size.add_argument("--rank", type=_positive_int, help="rank r of every method (default unless --budget: "
+                      f"{_default_ranks()})")
     size.add_argument("--budget", type=_positive_int, help="trainable adapter parameters (head excluded): each "
                       "method's rank is chosen to fit within −10 %%/+5 %% (a mixture may change its experts), or the "
                       "method is left out")

@@ -36,11 +36,13 @@ class Recipe:
 
     source: where they were chosen, as ``<study part>/<variant>`` of docs/results, or why there is no such part.
     options: the method's own options (its config's fields) that this objective sets, under those the user gives.
+    rank: the rank without --rank or --budget (None: 8).
     """
 
     learning_rate: float
     source: str
     options: dict = field(default_factory=dict)
+    rank: int | None = None
 
 
 @dataclass

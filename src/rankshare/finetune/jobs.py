@@ -125,7 +125,8 @@ def plan_adapters(job: Job, shapes: dict[str, tuple[int, int]], targets,
                   kind: str) -> dict[str, tuple[AdapterConfig | None, str]]:
     """Each method's config for objective ``kind`` and a note: --rank for all, or the budget planner's rank (and
     options); a method the planner leaves out has no config."""
-    asked = [job_config(job, method, job.rank or 8, targets, kind) for method in job.methods]
+    asked = [job_config(job, method, job.rank or method_class(method).recipe(kind).rank or 8, targets, kind)
+             for method in job.methods]
     if job.budget is None:
         given = f"on the factors of {job.basis}" if job.basis else "given"
         return {config.method: (config, f"rank {config.rank} ({given})") for config in asked}

@@ -464,7 +464,33 @@ def comparison_section(part: Part, runs: dict[str, list[dict]], test_examples: i
     if tasks:
         images[f"{part.name}-routing-by-layer.png"] = routing_figure(part, runs)
     table = _table(header, rows) + "\n\n" + precision_note(test_examples, differences)
+    if part.claim in ("parameter-efficiency", "downstream"):
+        table += "\n\n" + equal_accuracy_note(part, runs)
     return table, {name: image for name, image in images.items() if image is not None}
+
+
+def equal_accuracy_note(part: Part, runs: dict[str, list[dict]]) -> str:
+    """LoTR's paper's question: for each rank of LoRA, the smallest adapter of every other variant whose mean test
+    score reaches LoRA's mean, and how many fewer (or more) parameters it has."""
+    lines = []
+    others = [v for v in part.variants if v.method not in BASELINES and v.name != "lora"]
+    for lora_rank, reference in by_rank(runs.get("lora", [])):
+        target = statistics.fmean(map(accuracy, reference))
+        size = reference[0]["trainable_parameters"]["adapter"]
+        found = []
+        for variant in others:
+            groups = by_rank(runs[variant.name])
+            reached = [(group[0]["trainable_parameters"]["adapter"], rank) for rank, group in groups
+                       if statistics.fmean(map(accuracy, group)) >= target]
+            if not reached:
+                found.append(f"{variant.label}: none of its ranks")
+                continue
+            count, rank = min(reached)
+            ratio = f"{size / count:.1f}× fewer" if count <= size else f"{count / size:.1f}× more"
+            found.append(f"{variant.label} r={rank}, {count:,} ({ratio})")
+        lines.append(f"- LoRA r={lora_rank} ({100 * target:.1f} %, {size:,} parameters): " + "; ".join(found))
+    return ("The smallest adapter whose mean test score reaches LoRA's (means alone; the intervals above say how firm "
+            "each difference is):\n\n" + "\n".join(lines))
 
 
 def comparison_figure(part: Part, runs: dict[str, list[dict]], score: str):

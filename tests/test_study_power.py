@@ -32,6 +32,7 @@ from rankshare.study.report import (
     layer_distances,
     paired_difference,
     precision_note,
+    searching,
     train_seconds,
     write_summary,
 )
@@ -149,6 +150,16 @@ def test_equal_accuracy_is_the_smallest_adapter_whose_mean_reaches_loras():
     # r = 2's mean (70 %) falls short of 71 % though one seed is above it; r = 8's reaches it
     assert "LoRA r=1 (71.0 %, 1,000 parameters): LoTR r=8, 500 (2.0× fewer)" in note
     assert "LoRA r=4 (75.0 %, 4,000 parameters): LoTR: none of its ranks" in note
+
+
+def test_a_part_still_choosing_its_rates_shows_its_short_runs(tmp_path):
+    assert searching(tmp_path) is None
+    for lr, score in ((1e-3, 0.5), (3e-3, 0.625)):
+        record = {"variant": "lora", "rank": 1, "config": {"lr": lr}, "seed": 0, "steps": 100,
+                  "metrics": {"validation": {"average": {"accuracy": score}}}}
+        (tmp_path / f"lora-r1-lr{lr:g}-s0.json").write_text(json.dumps(record))
+    text = searching(tmp_path)
+    assert "2 short runs so far" in text and "| lora | 1 | 0.003 | 0 | 100 | 62.5 |" in text
 
 
 def test_the_precision_note_gives_one_examples_worth_and_the_interval_widths():

@@ -596,6 +596,17 @@ def provisional_search(part: Part, records: list[dict]) -> dict:
             "examples": examples, "provisional": True}
 
 
+def searching(folder: Path) -> str | None:
+    """For a part still choosing its rates with short runs: the validation score of each run so far."""
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    if not records:
+        return None
+    rows = [[r["variant"], str(r["rank"]), f"{r['config']['lr']:g}", str(r["seed"]), str(r["steps"]),
+             f"{100 * accuracy(r, 'validation'):.1f}"] for r in records]
+    return (f"**Still choosing its rates**: {len(records)} short runs so far.\n\n"
+            + _table(["variant", "rank", "rate", "seed", "steps", "validation score %"], rows))
+
+
 def write_summary(out: Path) -> Path:
     """summary.md and the plots of every part in ``out``, from the records there."""
     sections, searches, merges, times, generative = [], [], [], [], []
@@ -607,7 +618,7 @@ def write_summary(out: Path) -> Path:
         elif part.claim == "power" and records:
             search = provisional_search(part, records)
         else:
-            sections.append(f"## {part.name}\n\nNot run yet.\n")
+            sections.append(f"## {part.name}\n\n{searching(out / part.name / 'search') or 'Not run yet.'}\n")
             continue
         runs = final_runs(part, search, records)
         images = {}

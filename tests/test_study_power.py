@@ -86,8 +86,10 @@ def test_part_2_spans_lora_r1_to_r4_on_the_deep_model():
 
 def test_the_shallow_part_asks_part_2s_question_on_six_layers():
     part, deep = shallow_part(), deep_part()
-    assert part.model == "minilm" and part.rates_from == power_part().name and part.steps == power_part().steps
+    assert part.model == "minilm" and part.steps == power_part().steps and part.learning_rates == deep.learning_rates
     variants = {v.name: v for v in part.variants}
+    for variant in variants.values():  # rates chosen at the rank nearest LoRA r = 1's count, as part 2 does
+        assert abs(count(variant, variant.search_rank, MINILM_SHAPES) - 9_216) < 0.05 * 9_216
     assert variants.keys() == {v.name for v in deep.variants if v.method != "zero-shot"}
     assert variants["lora"].ranks == (1, 4)
     r1, r4 = (count(variants["lora"], r, MINILM_SHAPES) for r in (1, 4))
@@ -242,7 +244,7 @@ def test_a_grid_part_trains_every_rate_and_seed_and_chooses_on_their_mean(tiny_b
     assert "**Still running**" in summary and "| LoRA | 0.001" in summary and "| LoTR |" not in summary
 
 
-def test_a_part_not_started_may_change(tiny_bert, colours, tmp_path):
+def test_a_part_not_started_may_change(tiny_bert, colours, tmp_path, monkeypatch):
     variants = [Variant("lora", "LoRA", "lora", (1,))]
     first = Part("first", "parameter-efficiency", str(tiny_bert), str(colours), max_train=16, max_eval=8, max_length=16,
                  batch_size=8, learning_rates=(1e-3,), seeds=(0,), variants=variants)
@@ -256,5 +258,20 @@ def test_a_part_not_started_may_change(tiny_bert, colours, tmp_path):
     with pytest.raises(ValueError, match="another study plan"):
         runner.run_study([Part(**{**first.__dict__, "max_train": 8}), changed], ["first"], out, quiet=True,
                          say=lambda text: None)
+    # A process started before another recorded a changed plan for a part it has not begun refuses that part.
+    runner.prepare([first, Part(**{**changed.__dict__, "seeds": (0, 1, 2)})], out)  # the other process
+    monkeypatch.setattr(runner, "prepare", lambda parts, out: None)  # this one prepared before that
+    with pytest.raises(RankshareError, match="another process changed it"):
+        runner.run_study([first, changed], ["second"], out, quiet=True, say=lambda text: None)
 
 
+def test_a_diverged_run_is_recorded_as_collapsed_and_the_study_goes_on(tiny_bert, colours, tmp_path):
+    # At this rate the first Adam step throws the weights past anything float32 logits can hold.
+    variants = [Variant("lotr", "LoTR", "lotr", (2,))]
+    part = Part("wild", "parameter-efficiency", str(tiny_bert), str(colours), max_train=16, max_eval=8, max_length=16,
+                batch_size=8, learning_rates=(1e30,), seeds=(0, 1), variants=variants, steps=4)
+    lines = []
+    runner.run_study([part], ["wild"], tmp_path, quiet=True, say=lines.append)
+    records = [json.loads((tmp_path / "wild" / f"lotr-r2-lr1e+30-s{seed}.json").read_text()) for seed in (0, 1)]
+    assert all(0 < r["diverged_at_step"] < 4 and collapsed(r) for r in records)
+    assert sum("diverged at step" in line for line in lines) == 2

@@ -71,11 +71,13 @@ class Workspace:
 
 
 def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | None = None,
-        splits: tuple[str, ...] = ("validation", "test"), prepare=None, eval_batch_size: int | None = None):
+        splits: tuple[str, ...] = ("validation", "test"), prepare=None, eval_batch_size: int | None = None,
+        stop_on_divergence: bool = False):
     """Train one adapter (resuming from a checkpoint in ``folder``) and evaluate it on ``splits``.
 
     ``prepare(base, heads)``, if given, returns the model to train in place of an adapter on ``base`` (a baseline
     such as full fine-tuning). Evaluation takes batches of ``eval_batch_size`` (default: the training batch size).
+    With ``stop_on_divergence`` a loss that is not finite ends training, and the model is evaluated as it stands.
     Returns the trained model and its record (empty if ``stop_after`` ended training early).
     """
     job = space.job
@@ -93,7 +95,8 @@ def fit(space: Workspace, settings: Settings, folder: Path, stop_after: int | No
         write_json(folder / "run.json", run)
     if space.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(space.device)
-    timing = train(model, space.objective, space.splits.train, settings, space.device, folder, space.quiet, stop_after)
+    timing = train(model, space.objective, space.splits.train, settings, space.device, folder, space.quiet, stop_after,
+                   stop_on_divergence)
     if stop_after is not None and stop_after < timing["steps"]:
         return model, {}
     evaluation = evaluate(model, space.objective, space.splits, eval_batch_size or settings.batch_size, space.device,

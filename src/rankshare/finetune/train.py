@@ -108,8 +108,12 @@ def batch_order(num_examples: int, settings: Settings) -> list[list[int]]:
 
 
 def train(model: nn.Module, objective: Objective, examples: list[Example], settings: Settings, device,
-          checkpoint_dir: Path, quiet: bool = False, stop_after: int | None = None) -> dict:
-    """Train in place; resumes from ``checkpoint_dir`` if it holds a checkpoint. Returns timing figures."""
+          checkpoint_dir: Path, quiet: bool = False, stop_after: int | None = None,
+          stop_on_divergence: bool = False) -> dict:
+    """Train in place; resumes from ``checkpoint_dir`` if it holds a checkpoint. Returns timing figures.
+
+    A loss that is not finite is an error, or with ``stop_on_divergence`` the end of training: the model stays as
+    the last finite step left it, and the figures hold ``diverged_at_step``."""
     order = batch_order(len(examples), settings)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
@@ -121,13 +125,17 @@ def train(model: nn.Module, objective: Objective, examples: list[Example], setti
     model.train()
     trained = distributed.wrap(model, device)
     bar = progress(len(order), f"train {settings.method}", "steps", quiet or not distributed.is_main(), initial=start)
+    diverged = None
     for step in range(start, len(order)):
         tick = time.perf_counter()
         batch = objective.batch([examples[i] for i in distributed.shard(order[step])], device)
         loss = objective.loss(trained, batch)
         value = loss.item()  # one device sync per step, shared by the check and the progress bar
         if not math.isfinite(value):
-            raise RankshareError(f"The loss became {value} at step {step}; lower --lr and try again.")
+            if not stop_on_divergence:
+                raise RankshareError(f"The loss became {value} at step {step}; lower --lr and try again.")
+            diverged = step
+            break
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimiser.step()
@@ -143,11 +151,9 @@ def train(model: nn.Module, objective: Objective, examples: list[Example], setti
             break
     bar.close()
     model.eval()
-    return {
-        "steps": len(order),
-        "train_seconds": sum(step_seconds),
-        "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
-    }
+    figures = {"steps": len(order), "train_seconds": sum(step_seconds),
+               "median_step_seconds": statistics.median(step_seconds) if step_seconds else None}
+    return figures if diverged is None else {**figures, "diverged_at_step": diverged}
 
 
 def _trainable_state(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -90,7 +90,9 @@ def run_compression(part: CompressionPart, out: Path, quiet: bool, say) -> None:
                 shutil.copytree(joint / f"rank-{rank}" / task, recovered)
                 done = recover_cores(recovered, part.recover_steps, quiet)
                 before = json.loads((folder / f"joint-r{rank}-{task}.json").read_text())
-                _score(record, recovered, quiet, say, {**{k: v for k, v in before.items() if k != "metrics"},
+                # The error is the fit's, before the cores trained again: kept apart, not shown as this row's.
+                kept = {k: v for k, v in before.items() if k not in ("metrics", "relative_error")}
+                _score(record, recovered, quiet, say, {**kept, "fit_relative_error": before["relative_error"],
                                                         "kind": "joint, recovered", "recovered": done})
         separate = separate_rank(part, rank, loras)
         for task in part.tasks:
@@ -185,7 +187,8 @@ def compression_section(folder: Path) -> tuple[str, object] | None:
     rows = compression_rows(records)
     tasks = sorted({task for row in rows for task in row["tasks"]})
     lora = next((row for row in rows if row["kind"] == "lora"), None)
-    header = ["adapters", "rank", "parameters", "MiB on disk", *tasks, "average", "of the LoRAs'", "mean rel. error"]
+    header = ["adapters", "rank", "parameters", "MiB on disk", *tasks, "average", "of the LoRAs'",
+              "fit's mean rel. error"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for row in rows:
         share = f"{100 * row['average'] / lora['average']:.0f} %" if lora and lora["average"] else "—"
@@ -193,7 +196,8 @@ def compression_section(folder: Path) -> tuple[str, object] | None:
                                         f"{row['bytes'] / 2**20:.2f}",
                                         *(f"{100 * row['tasks'][t]:.0f}" if t in row["tasks"] else "—" for t in tasks),
                                         f"{100 * row['average']:.1f}", share,
-                                        "—" if row["kind"] == "lora" else f"{row['error']:.3f}"]) + " |")
+                                        "—" if row["kind"] in ("lora", "joint, recovered")
+                                        else f"{row['error']:.3f}"]) + " |")
     text = "\n".join(lines)
     if lora:
         keep = []

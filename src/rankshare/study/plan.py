@@ -195,20 +195,21 @@ def deep_part() -> Part:
 
 
 def shallow_part() -> Part:
-    """Part 2's question on a 6-layer model: LoTR against LoRA r = 1 and 4 on MiniLM at part 1's schedule and rates,
-    3 seeds. Does LoTR's advantage grow from 6 layers to 30? MiniLM's 12 projections are all 384 × 384: LoRA r has
-    9,216 r parameters, LoTR with trainable factors 1,536 r + 12 r², frozen Tucker LoTR 12 r². The ranks span the
-    same range as part 2's: trainable r = 2, 6, 20 (3,120; 9,648; 35,520), frozen r = 8, 28, 56 (768; 9,408; 37,632).
+    """Part 2's question on a 6-layer model: LoTR against LoRA r = 1 and 4 on MiniLM at part 1's schedule, 3 seeds.
+    Does LoTR's advantage grow from 6 layers to 30? MiniLM's 12 projections are all 384 × 384: LoRA r has 9,216 r
+    parameters, LoTR with trainable factors 1,536 r + 12 r², frozen Tucker LoTR 12 r². The ranks span the same range
+    as part 2's: trainable r = 2, 6, 20 (3,120; 9,648; 35,520), frozen r = 8, 28, 56 (768; 9,408; 37,632). As in
+    part 2, each variant's rate is chosen on validation at its rank nearest LoRA r = 1's count (seed 0, full runs).
     """
     part = power_part()
     variants = [
-        Variant("lora", "LoRA (PEFT)", "lora", (1, 4)),
-        Variant("lotr", "LoTR, trainable U and V", "lotr", (2, 6, 20), options={"share": "by_name"}),
-        Variant("lotr-frozen", "LoTR, frozen Tucker U and V", "lotr", (8, 28, 56),
+        Variant("lora", "LoRA (PEFT)", "lora", (1, 4), search_rank=1),
+        Variant("lotr", "LoTR, trainable U and V", "lotr", (2, 6, 20), search_rank=6, options={"share": "by_name"}),
+        Variant("lotr-frozen", "LoTR, frozen Tucker U and V", "lotr", (8, 28, 56), search_rank=28,
                 options={"init": "tucker", "freeze_factors": True}),
     ]
-    return replace(part, name="shallow-minilm-sentiment", claim="parameter-efficiency", learning_rates=(),
-                   seeds=(0, 1, 2), search_seeds=(0,), variants=variants, rates_from=part.name)
+    return replace(part, name="shallow-minilm-sentiment", claim="parameter-efficiency", learning_rates=DEEP_RATES,
+                   seeds=(0, 1, 2), search_seeds=(0,), variants=variants)
 
 
 def downstream_part(target: str, source: str) -> Part:

@@ -283,6 +283,9 @@ COLLAPSE_SHARE = 0.8
 
 
 def collapsed(record: dict) -> bool:
+    """One class takes COLLAPSE_SHARE of the test predictions, or the loss diverged (training stopped there)."""
+    if "diverged_at_step" in record:
+        return True
     tasks = [m for task, m in record["metrics"]["test"].items() if task != "average" and "predicted" in m]
     return any(max(m["predicted"]) >= COLLAPSE_SHARE * m["examples"] for m in tasks)
 
@@ -335,8 +338,8 @@ def threads(record: dict) -> int:
 
 
 def train_seconds(group: list[dict]) -> str:
-    """Mean training seconds per run, of the runs with the most threads: a run with fewer shared the machine with
-    another part's (two parts at a time, one thread each), which takes longer per run and says nothing of the method."""
+    """Mean training seconds per run, of the runs with the most threads: a run with fewer was started beside another
+    part's (two parts at a time, one thread each), which takes longer per run and says nothing of the method."""
     most = max(map(threads, group))
     timed = [r["train_seconds"] for r in group if threads(r) == most]
     return f"{statistics.fmean(timed):.0f}" + (f" ({len(timed)} at {most} threads)" if len(timed) < len(group) else "")
@@ -615,7 +618,7 @@ def write_summary(out: Path) -> Path:
         records = part_records(out, part) if (out / part.name).is_dir() else []
         if search_path.is_file():
             search = json.loads(search_path.read_text())
-        elif part.claim == "power" and records:
+        elif records and not part.search_steps and not part.rates_from:  # a grid still running, seed 0 first
             search = provisional_search(part, records)
         else:
             sections.append(f"## {part.name}\n\n{searching(out / part.name / 'search') or 'Not run yet.'}\n")
@@ -683,9 +686,9 @@ def write_summary(out: Path) -> Path:
         text += "\n## Merged LoTR against unmerged (test split)\n\n"
         text += _table(["part", "runs", "equal accuracy", "max |Δ accuracy| (points)", "max |Δ output|",
                         "max |output|"], merges) + "\n"
-    text += ("\n## Wall time\n\nEach part's runs, one after another. A part whose runs had one thread (of the "
-             "machine's two) ran beside another part that had the other: each of its runs took longer, two ran at a "
-             "time.\n\n")
+    text += ("\n## Wall time\n\nEach part's runs, one after another. Runs with one thread (of the machine's two) "
+             "were started as one of two study processes, two parts at a time; while both ran, each run took longer. "
+             "Times of runs with different threads are not compared.\n\n")
     text += _table(["part", "runs", "minutes (runs + loading)", "threads per run"], times) + "\n"
     total = sum(float(row[2]) for row in times)
     text += f"\nTotal: {total:.1f} minutes.\n"

@@ -46,6 +46,11 @@ def run_study(parts: list[Part], names: list[str], out: Path, quiet: bool, say) 
     if finished:
         say(f"{len(finished)} finished runs in {out} are kept, not trained again")
     for part in (p for p in parts if p.name in names):
+        # Another process may have recorded a changed plan for a part this one had not started yet.
+        recorded = {p["name"]: p for p in json.loads((out / PLAN_FILE).read_text())["parts"]}
+        if recorded.get(part.name) != plain(part):
+            raise RankshareError(f"Part {part.name} is recorded in {out / PLAN_FILE} otherwise than this process's "
+                                 "plan has it (another process changed it since this one started); run it again.")
         started = time.perf_counter()
         run_part(part, out, quiet, say)
         say(f"{part.name}: done in {time.perf_counter() - started:.0f} s")
@@ -229,10 +234,11 @@ def run_once(space: Workspace, part: Part, variant: Variant, rank: int, lr: floa
                else variant_config(variant, rank, space.targets).to_dict())
     settings = Settings(adapter=adapter, lr=lr, seed=seed, batch_size=part.batch_size, epochs=epochs, max_steps=steps)
     _initialise_head(space, seed)
-    checkpoints = out / CHECKPOINTS / part.name / name
+    checkpoints = out / CHECKPOINTS / part.name / ("search" if search else "") / name
     prepare = _baseline(variant.method) if variant.method in BASELINES else None
+    # A run whose loss diverges is a result of its rate, not a failure of the study: it is scored as it stands.
     model, record = fit(space, settings, checkpoints, splits=splits, prepare=prepare,
-                        eval_batch_size=part.eval_batch_size)
+                        eval_batch_size=part.eval_batch_size, stop_on_divergence=True)
     record.update(part=part.name, variant=variant.name, label=variant.label, budget=variant.budget)
     if search:
         record["search"] = True
@@ -250,7 +256,8 @@ def run_once(space: Workspace, part: Part, variant: Variant, rank: int, lr: floa
     write_json(path, record)
     shutil.rmtree(checkpoints, ignore_errors=True)
     scores = "  ".join(f"{split} {headline(record['metrics'][split]):.3f}" for split in splits)
-    say(f"{part.name} {'search ' if search else ''}{name}: {scores}  ({record['wall_seconds']:.0f} s)")
+    diverged = f"  diverged at step {record['diverged_at_step']}" if "diverged_at_step" in record else ""
+    say(f"{part.name} {'search ' if search else ''}{name}: {scores}{diverged}  ({record['wall_seconds']:.0f} s)")
     return record
 
 

@@ -169,7 +169,7 @@ def test_rates_are_chosen_on_validation_not_test(tiny_part, tmp_path, monkeypatc
     report only the final runs at that rate, and average them over seeds."""
 
     def scripted_fit(space, settings, folder, stop_after=None, splits=("validation", "test"), prepare=None,
-                     eval_batch_size=None):
+                     eval_batch_size=None, stop_on_divergence=False):
         scores = {"validation": {1e-3: 0.5, 3e-2: 0.9}[settings.lr],
                   "test": {1e-3: 0.8, 3e-2: 0.6}[settings.lr] + settings.seed / 100}
         metrics = {split: {"average": {"accuracy": scores[split], "macro_f1": scores[split] / 2}} for split in splits}

@@ -483,6 +483,9 @@ def equal_accuracy_note(part: Part, runs: dict[str, list[dict]]) -> str:
         found = []
         for variant in others:
             groups = by_rank(runs[variant.name])
+            if not groups:
+                found.append(f"{variant.label}: not run yet")
+                continue
             reached = [(group[0]["trainable_parameters"]["adapter"], rank) for rank, group in groups
                        if statistics.fmean(map(accuracy, group)) >= target]
             if not reached:

@@ -12,11 +12,12 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import rankshare as rs
 from rankshare.cli import main
+from rankshare.errors import RankshareError
 from rankshare.finetune.budget import closest_rank
 from rankshare.finetune.evaluation import RouterTracker
 from rankshare.study import runner
 from rankshare.study.plan import MIXTURE_BUDGET, Part, Variant, full_plan, quick_plan
-from rankshare.study.report import mean_std, points, specialisation, write_summary
+from rankshare.study.report import fill_page, mean_std, points, specialisation, write_summary
 from rankshare.study.runner import variant_config
 
 MINILM_SHAPES = {f"layer.{i}.{name}": (384, 384) for i in range(6) for name in ("query", "value")}
@@ -157,11 +158,31 @@ def test_the_quick_study_runs_every_part(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--parts", "nope"], "no part named nope"),
     (["--redraw"], "holds no study"),
+    (["--redraw", "--page", "nowhere.md"], "--page: nowhere.md is not a file"),
 ])
 def test_study_bad_input_is_one_line(args, message, tmp_path, capsys):
     assert main(["study", "--quick", "--out", str(tmp_path / "empty"), *args]) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and "\n" not in error
+
+
+def test_a_page_takes_its_blocks_from_the_summary(tmp_path):
+    results = tmp_path / "docs" / "results"
+    results.mkdir(parents=True)
+    summary = results / "summary.md"
+    summary.write_text("# Study results\n\nintro\n\n## part-a\n\n| a | 1 |\n\n![part-a.png](part-a.png)\n\n"
+                       "## Wall time\n\nTotal: 3.0 minutes.\n")
+    page = tmp_path / "docs" / "RESULTS.md"
+    page.write_text("# Results\n\nProse.\n\n<!-- summary: part-a -->\nold table\n<!-- /summary -->\n\nMore prose.\n"
+                    "<!-- summary: Wall time -->\n<!-- /summary -->\n")
+    assert fill_page(page, summary) == ["part-a", "Wall time"]
+    assert page.read_text() == ("# Results\n\nProse.\n\n<!-- summary: part-a -->\n| a | 1 |\n\n"
+                                "![part-a.png](results/part-a.png)\n<!-- /summary -->\n\nMore prose.\n"
+                                "<!-- summary: Wall time -->\nTotal: 3.0 minutes.\n<!-- /summary -->\n")
+    page.write_text("<!-- summary: part-b -->\n<!-- /summary -->\n")
+    with pytest.raises(RankshareError, match="names no section .* the sections are: part-a, Wall time"):
+        fill_page(page, summary)
+    assert page.read_text() == "<!-- summary: part-b -->\n<!-- /summary -->\n"  # left as it was
 
 
 def test_rates_are_chosen_on_validation_not_test(tiny_part, tmp_path, monkeypatch):

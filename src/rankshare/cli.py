@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--parts", help="comma-separated part names to run (default: all)")
     study.add_argument("--out", type=Path, help="results folder (default: docs/results, or runs/study-quick)")
     study.add_argument("--redraw", action="store_true", help="only redraw summary.md and the plots from the records")
+    study.add_argument("--page", type=Path, help="also refresh the study's tables and plots in this hand-written page "
+                       "(its '<!-- summary: PART -->' ... '<!-- /summary -->' blocks), e.g. docs/RESULTS.md")
     study.add_argument("--quiet", action="store_true")
     study.set_defaults(run=_run_study)
     return parser
@@ -380,7 +382,7 @@ def _add_gates_and_overwrite(parser: argparse.ArgumentParser) -> None:
 def _run_study(args) -> None:
     from .study.compression import compression_part, run_compression
     from .study.plan import full_plan, quick_plan
-    from .study.report import write_summary
+    from .study.report import fill_page, write_summary
     from .study.runner import prepare, run_study
 
     parts = quick_plan() if args.quick else full_plan()
@@ -391,6 +393,8 @@ def _run_study(args) -> None:
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         raise RankshareError(f"--parts: no part named {', '.join(unknown)}; the parts are {', '.join(names)}.")
+    if args.page and not args.page.is_file():
+        raise RankshareError(f"--page: {args.page} is not a file; give the markdown page whose blocks to refresh.")
     if not args.redraw:
         def say(text: str) -> None:
             print(text, file=sys.stderr)
@@ -402,7 +406,11 @@ def _run_study(args) -> None:
             run_compression(compression, out, args.quiet, say)
     elif not (out / "plan.json").is_file():
         raise RankshareError(f"--redraw: {out} holds no study (no plan.json); run the study first.")
-    print(f"summary in {write_summary(out)}", file=sys.stderr)
+    summary = write_summary(out)
+    print(f"summary in {summary}", file=sys.stderr)
+    if args.page:
+        filled = fill_page(args.page, summary)
+        print(f"{args.page}: {len(filled)} blocks refreshed ({', '.join(filled) or 'none'})", file=sys.stderr)
 
 
 def _job_from_args(args):

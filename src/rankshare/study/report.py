@@ -12,11 +12,14 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import re
 import statistics
 from pathlib import Path
 
 from ..atomic_files import replace_file
 from ..config import method_class, methods
+from ..errors import RankshareError
 from ..finetune.report import compact, new_figure, router_figure
 from .compression import compression_section
 from .plan import BASELINES, Part, Variant, part_from_dict, rates
@@ -698,3 +701,28 @@ def write_summary(out: Path) -> Path:
     path = out / SUMMARY
     replace_file(path, text.encode("utf-8"))
     return path
+
+
+def fill_page(page: Path, summary: Path) -> list[str]:
+    """Refresh the study's blocks in a hand-written page (docs/RESULTS.md) from ``summary``: each block between
+    ``<!-- summary: HEADING -->`` and ``<!-- /summary -->`` becomes the text of summary.md's ``## HEADING``, its plots
+    linked from where the page lies. Returns the headings filled; a block naming no section is an error."""
+    text = summary.read_text()
+    sections = dict(re.findall(r"^## (.+?)\n\n(.*?)\n*(?=^## |\Z)", text, flags=re.M | re.S))
+    folder = os.path.relpath(summary.parent, page.parent)
+    filled = []
+
+    def section(match: re.Match) -> str:
+        heading = match.group(1).strip()
+        if heading not in sections:
+            raise RankshareError(f"{page}: its block '<!-- summary: {heading} -->' names no section of {summary}; "
+                                 f"the sections are: {', '.join(sections)}.")
+        filled.append(heading)
+        body = re.sub(r"!\[([^]]+)\]\(([^)/]+)\)", rf"![\1]({folder}/\2)", sections[heading])
+        return f"<!-- summary: {heading} -->\n{body}\n<!-- /summary -->"
+
+    page_text = page.read_text()
+    refreshed = re.sub(r"<!-- summary: (.+?) -->.*?<!-- /summary -->", section, page_text, flags=re.S)
+    if refreshed != page_text:
+        replace_file(page, refreshed.encode("utf-8"))
+    return filled

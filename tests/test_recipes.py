@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 import rankshare as rs
 from rankshare.cli import build_parser, main
 from rankshare.errors import RankshareError
+from rankshare.study.plan import full_plan
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+PARTS = {part.name: part for part in full_plan()}
 
 
 def train(model, data, out, *extra) -> dict:
@@ -48,4 +53,32 @@ def test_the_help_lists_the_recipes(monkeypatch):
     text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
     assert "mor 0.003 (classify), 0.003 (text_to_label), 0.003 (lm), 0.001 (sft)" in text
     assert "init of U and V (lotr; default: random; lotr classify: tucker)" in text
-    assert "(default unless --budget: lotr 24 (classify); 8 otherwise)" in text
+    assert "lotr 24 (classify); moelora 2 (classify); 8 otherwise; at most the narrowest target's side)" in text
+
+
+def test_a_recipe_rank_beyond_the_model_is_cut_to_the_narrowest_target(tiny_bert, colours, tmp_path):
+    """LoTR's classify recipe (rank 88, chosen on MiniLM's 384-wide projections) on a model 32 wide: rank 32."""
+    assert rs.LotrConfig.recipe("classify").rank > 32
+    assert train(tiny_bert, colours, tmp_path / "cut")["rank"] == 32
+
+
+def part_objective(part: str) -> str:
+    return json.loads(next((RESULTS / part).glob("*-s*.json")).read_text())["config"]["objective"]
+
+
+@pytest.mark.parametrize("method", ["lora", "lotr", "mor", "moelora"])
+@pytest.mark.parametrize("objective", ["classify", "text_to_label"])
+def test_each_recipe_is_what_its_part_of_the_study_chose(method, objective):
+    """Each studied objective has a recipe per method whose rate, options and rank are those of the variant it names
+    in the part of the study it names (docs/results/<part>/search.json); one taken from another objective's part
+    says so."""
+    recipe = rs.methods()[method].recipe(objective)
+    where, _, remark = recipe.source.partition(" ")
+    part_name, _, variant_name = where.partition("/")
+    variant = {v.name: v for v in PARTS[part_name].variants}[variant_name]
+    search = json.loads((RESULTS / part_name / "search.json").read_text())["learning_rates"]
+    assert variant.method == method
+    assert recipe.learning_rate == search[variant.lr_from or variant.name]["chosen"]
+    assert recipe.options == variant.options
+    assert recipe.rank in (None, search[variant.name]["rank"], *variant.ranks)
+    assert part_objective(part_name) == objective or "not measured" in remark

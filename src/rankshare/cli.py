@@ -119,7 +119,7 @@ def _default_ranks() -> str:
     """The ranks of the recipes that set one, else 8."""
     shown = [f"{name} {cls.recipe(objective).rank} ({objective})" for name, cls in methods().items()
              for objective in OBJECTIVES if cls.recipe(objective).rank]
-    return "; ".join(shown + ["8 otherwise" if shown else "8"])
+    return "; ".join(shown + ["8 otherwise" if shown else "8"]) + "; at most the narrowest target's side"
 
 
 def _option_dest(name: str) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .config import AdapterConfig, register
+from .config import AdapterConfig, Recipe, register
 from .errors import RankshareError
 from .layer import AdapterLayer, dense_weight, linear_shape
 from .targets import group_targets
@@ -48,6 +48,11 @@ class LotrConfig(AdapterConfig):
     method = "lotr"
     title = "LoTR"
     uses_a_basis = True
+    recipes = {
+        "classify": Recipe(3e-3, "power-minilm-sentiment/lotr-frozen", {"init": "tucker", "freeze_factors": True},
+                           rank=88),
+        "text_to_label": Recipe(3e-3, "deep-smollm2-sentiment/lotr", {"share": "by_name"}),
+    }
 
     share: str = field(default="by_name", metadata={
         "choices": ("by_name", "by_shape"),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import register
+from .config import Recipe, register
 from .mixture import MixtureConfig, MixtureLayer, uniform_fan_in
 
 
@@ -60,8 +60,13 @@ class MoeLoraConfig(MixtureConfig):
     method = "moelora"
     title = "MoE-LoRA"
     layer_class = MoeLoraLayer
-    # Chosen on the validation split of the demo, as the other methods' 3e-3 (see the README).
+    # Chosen on the validation split of the first study's demo, where no recipe applies (docs/RESULTS.md).
     learning_rate = 1e-2
+    recipes = {
+        "classify": Recipe(3e-3, "power-minilm-sentiment/moelora-n4", {"num_experts": 4}, rank=2),
+        "text_to_label": Recipe(3e-3, "power-minilm-sentiment/moelora-n4 (classify's: text_to_label not measured)",
+                                {"num_experts": 4}),
+    }
 
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
         """Per layer: ``N r (d_in + d_out) + N d_in``."""

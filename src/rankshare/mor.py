@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import register
+from .config import Recipe, register
 from .mixture import MixtureConfig, MixtureLayer, uniform_fan_in
 
 
@@ -65,6 +65,11 @@ class MorConfig(MixtureConfig):
     method = "mor"
     title = "MoR"
     layer_class = MorLayer
+    recipes = {
+        "classify": Recipe(3e-3, "power-minilm-sentiment/mor-n4", {"num_experts": 4}, rank=6),
+        "text_to_label": Recipe(3e-3, "power-minilm-sentiment/mor-n4 (classify's: text_to_label not measured)",
+                                {"num_experts": 4}),
+    }
 
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
         """Per layer: ``r (d_in + d_out) + N (r + d_out) + N d_in``."""

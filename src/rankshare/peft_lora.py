@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import ExternalAdapterConfig, register
+from .config import ExternalAdapterConfig, Recipe, register
 
 
 @register
@@ -25,6 +25,10 @@ class PeftLoraConfig(ExternalAdapterConfig):
 
     method = "lora"
     title = "LoRA"
+    recipes = {
+        "classify": Recipe(3e-3, "power-minilm-sentiment/lora", rank=10),
+        "text_to_label": Recipe(3e-3, "deep-smollm2-sentiment/lora"),
+    }
 
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:
         return sum(self.rank * (d_in + d_out) for d_out, d_in in shapes.values())

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from ..config import AdapterConfig, method_class, methods
+from ..config import AdapterConfig, Recipe, method_class, methods
 from ..errors import RankshareError
 from ..targets import target_shapes
 from .budget import plan_all
@@ -121,12 +121,18 @@ def job_config(job: Job, method: str, rank: int, targets, kind: str, options: di
     return config.on_basis(BASIS_ADAPTER) if job.basis else config
 
 
+def default_rank(recipe: Recipe, shapes: dict[str, tuple[int, int]]) -> int:
+    """The recipe's rank (8 where it sets none), at most the narrowest side of a target: the study chose it on a
+    wider model than some a user may adapt."""
+    return min([recipe.rank or 8, *(min(shape) for shape in shapes.values())])
+
+
 def plan_adapters(job: Job, shapes: dict[str, tuple[int, int]], targets,
                   kind: str) -> dict[str, tuple[AdapterConfig | None, str]]:
     """Each method's config for objective ``kind`` and a note: --rank for all, or the budget planner's rank (and
     options); a method the planner leaves out has no config."""
-    asked = [job_config(job, method, job.rank or method_class(method).recipe(kind).rank or 8, targets, kind)
-             for method in job.methods]
+    asked = [job_config(job, method, job.rank or default_rank(method_class(method).recipe(kind), shapes), targets,
+                        kind) for method in job.methods]
     if job.budget is None:
         given = f"on the factors of {job.basis}" if job.basis else "given"
         return {config.method: (config, f"rank {config.rank} ({given})") for config in asked}

@@ -56,8 +56,10 @@ def test_train_writes_adapter_metrics_report_and_plot(tiny_bert, topics_csv, tmp
     assert not (out / "checkpoint.pt").exists()  # removed once the run finished
     record = json.loads((out / "metrics.json").read_text())
     assert record["method"] == "lotr" and record["rank"] == 4
-    # 2 layers of query and value (32×32), one group per projection: 2 (4·64 + 2·16); head 32·3 + 3.
-    assert record["trainable_parameters"] == {"adapter": 2 * (4 * 64 + 2 * 16), "head": 99}
+    # classify's recipe freezes Tucker-initialised U and V: the cores of 2 layers of query and value, 2·2·4²;
+    # head 32·3 + 3.
+    assert record["config"]["adapter"]["freeze_factors"] and record["config"]["adapter"]["init"] == "tucker"
+    assert record["trainable_parameters"] == {"adapter": 2 * 2 * 4**2, "head": 99}
     assert record["steps"] == 2 * 18  # 144 training examples / 8, two epochs
     test = record["metrics"]["test"]["topics"]
     assert test["examples"] == 18 and 0 <= test["accuracy"] <= 1

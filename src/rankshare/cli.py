@@ -91,9 +91,9 @@ def _add_method_options(group) -> None:
         if isinstance(spec.default, bool):
             arguments = {"action": argparse.BooleanOptionalAction}
         elif isinstance(spec.default, int):
-            arguments = {"type": _int_at_least(spec.metadata.get("min", 0))}
+            arguments = {"type": _int_at_least(spec.metadata.get("min", 0)), "metavar": name.upper()}
         elif isinstance(spec.default, float):
-            arguments = {"type": _finite_float}
+            arguments = {"type": _finite_float, "metavar": name.upper()}
         else:
             arguments = {"type": str, "choices": spec.metadata.get("choices")}
         try:

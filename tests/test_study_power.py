@@ -32,6 +32,7 @@ from rankshare.study.report import (
     layer_distances,
     paired_difference,
     precision_note,
+    schedule_section,
     searching,
     train_seconds,
     write_summary,
@@ -64,10 +65,33 @@ def test_part_1_is_a_paired_grid_at_one_budget():
 
 def test_the_schedule_check_doubles_part_1s_steps_at_its_chosen_rates(tmp_path):
     part, check = power_part(), schedule_part()
-    assert check.steps == 2 * part.steps and check.rates_from == part.name
+    assert check.steps == 2 * part.steps and check.rates_from == part.name and check.seeds == part.seeds
     assert [v.name for v in check.variants] == [v.name for v in part.variants if v.method not in BASELINES]
     with pytest.raises(RankshareError, match="run that part to its end first"):
         runner.rates_chosen_by(tmp_path / part.name, check)
+
+
+def test_the_schedule_table_pairs_each_run_with_its_seed_at_half_the_steps_and_with_lora(tmp_path):
+    def run(variant, seed, steps, validation, test):
+        scores = {"validation": {"average": {"accuracy": validation}}, "test": {"average": {"accuracy": test}}}
+        return {"variant": variant, "seed": seed, "steps": steps, "config": {"lr": 3e-3}, "metrics": scores}
+
+    check = Part("long", "schedule", "m", "d", 1, 1, 1, 1, (), (0, 1, 2),
+                 [Variant("lora", "LoRA", "lora"), Variant("mor", "MoR", "mor")], steps=20, rates_from="short")
+    (tmp_path / "short").mkdir()
+    for i, record in enumerate([run("lora", 0, 10, 0.70, 0.70), run("lora", 1, 10, 0.72, 0.74),
+                                run("mor", 0, 10, 0.60, 0.71), run("mor", 1, 10, 0.62, 0.73),
+                                run("mor", 2, 10, 0.99, 0.99)]):  # seed 2 has no 20-step run: left out
+        (tmp_path / "short" / f"{i}.json").write_text(json.dumps(record))
+    longer = [run("lora", 0, 20, 0.71, 0.70), run("lora", 1, 20, 0.73, 0.72),
+              run("mor", 0, 20, 0.66, 0.72), run("mor", 1, 20, 0.70, 0.78)]
+    table = schedule_section(check, longer, tmp_path)
+    assert "validation % at 10 → 20 steps" in table and "Δ test vs LoRA at 20 steps" in table
+    assert "| LoRA | 0.003 | 0, 1 | 71.0 → 72.0 (+1.0) | 72.0 → 71.0 (-1.0) | — |" in table
+    differences = [0.02, 0.06]  # MoR minus LoRA at 20 steps, seed by seed
+    half = 12.7062 * statistics.stdev(differences) / math.sqrt(2)  # t(0.975, 1 degree of freedom)
+    interval = f"+4.0 [{100 * (0.04 - half):+.1f}, {100 * (0.04 + half):+.1f}]"
+    assert f"| MoR | 0.003 | 0, 1 | 61.0 → 68.0 (+7.0) | 72.0 → 75.0 (+3.0) | {interval} |" in table
 
 
 def test_part_2_spans_lora_r1_to_r4_on_the_deep_model():

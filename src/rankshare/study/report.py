@@ -568,6 +568,7 @@ def schedule_section(part: Part, records: list[dict], out: Path) -> str:
     earlier = [json.loads(p.read_text()) for p in sorted((out / part.rates_from).glob("*.json"))
                if p.name != SEARCH_FILE]
     rows = []
+    baseline = [r for r in records if r["variant"] == "lora"]
     for variant in part.variants:
         longer = [r for r in records if r["variant"] == variant.name]
         pairs = [(r, e) for r in longer for e in earlier if e["variant"] == variant.name and e["seed"] == r["seed"]
@@ -579,11 +580,12 @@ def schedule_section(part: Part, records: list[dict], out: Path) -> str:
             short = statistics.fmean(accuracy(e, split) for _, e in pairs)
             long = statistics.fmean(accuracy(r, split) for r, _ in pairs)
             cells.append(f"{100 * short:.1f} → {100 * long:.1f} ({100 * (long - short):+.1f})")
-        rows.append(cells)
+        rows.append([*cells, "—" if variant.name == "lora" else _ci(paired_difference(longer, baseline))])
     paired = [(r, e) for r in records for e in earlier if e["seed"] == r["seed"] and e["variant"] == r["variant"]]
     steps = (paired[0][1]["steps"], paired[0][0]["steps"]) if paired else (0, 0)
     return _table(["variant", "rate", "seeds", f"validation % at {steps[0]} → {steps[1]} steps",
-                   f"test % at {steps[0]} → {steps[1]} steps"], rows)
+                   f"test % at {steps[0]} → {steps[1]} steps",
+                   f"Δ test vs LoRA at {steps[1]} steps, points [95 % CI]"], rows)
 
 
 def provisional_search(part: Part, records: list[dict]) -> dict:

@@ -287,6 +287,12 @@ def test_a_part_not_started_may_change(tiny_bert, colours, tmp_path, monkeypatch
     monkeypatch.setattr(runner, "prepare", lambda parts, out: None)  # this one prepared before that
     with pytest.raises(RankshareError, match="another process changed it"):
         runner.run_study([first, changed], ["second"], out, quiet=True, say=lambda text: None)
+    # A started part may gain seeds (the runs it has stay runs of it), never lose one.
+    monkeypatch.undo()
+    runner.prepare([Part(**{**first.__dict__, "seeds": (0, 1)}), changed], out)
+    assert json.loads((out / runner.PLAN_FILE).read_text())["parts"][0]["seeds"] == [0, 1]
+    with pytest.raises(ValueError, match="another study plan"):
+        runner.prepare([Part(**{**first.__dict__, "seeds": (1,)}), changed], out)
 
 
 def test_a_diverged_run_is_recorded_as_collapsed_and_the_study_goes_on(tiny_bert, colours, tmp_path):

@@ -64,7 +64,7 @@ def prepare(parts: list[Part], out: Path) -> None:
     """Refuse a folder that holds runs of other settings; record the plan and the machine otherwise.
 
     A plan may add parts to a study already run, and change the parts that have not started: the started ones
-    must be as they were recorded.
+    must be as they were recorded, or add seeds to them (the runs already recorded stay valid).
     """
     if out.exists() and not out.is_dir():
         raise RankshareError(f"--out {out} is a file; choose a folder.")
@@ -74,7 +74,7 @@ def prepare(parts: list[Part], out: Path) -> None:
         before = json.loads(recorded.read_text())
         current = {part["name"]: part for part in plan}
         started = [plain(part_from_dict(part)) for part in before["parts"] if (out / part["name"]).is_dir()]
-        if any(current.get(part["name"], part) != part for part in started):
+        if not all(_keeps(part, current.get(part["name"], part)) for part in started):
             raise RankshareError(f"--out {out} holds the runs of another study plan; choose another folder "
                                  "(or delete it to start again).")
         names = [part["name"] for part in before["parts"]]
@@ -88,6 +88,11 @@ def prepare(parts: list[Part], out: Path) -> None:
                "threads": torch.get_num_threads(),
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     write_json(recorded, {"parts": plan, "machine": machine, "versions": versions()})
+
+
+def _keeps(recorded: dict, current: dict) -> bool:
+    """Whether the runs recorded for part ``recorded`` are runs of part ``current``: the same, or more seeds."""
+    return current == {**recorded, "seeds": current["seeds"]} and set(recorded["seeds"]) <= set(current["seeds"])
 
 
 def run_part(part: Part, out: Path, quiet: bool, say) -> None:

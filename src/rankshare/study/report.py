@@ -580,7 +580,7 @@ def schedule_section(part: Part, records: list[dict], out: Path) -> str:
             short = statistics.fmean(accuracy(e, split) for _, e in pairs)
             long = statistics.fmean(accuracy(r, split) for r, _ in pairs)
             cells.append(f"{100 * short:.1f} → {100 * long:.1f} ({100 * (long - short):+.1f})")
-        rows.append([*cells, "—" if variant.name == "lora" else _ci(paired_difference(longer, baseline))])
+        rows.append([*cells, _ci(None if variant.name == "lora" else paired_difference(longer, baseline))])
     paired = [(r, e) for r in records for e in earlier if e["seed"] == r["seed"] and e["variant"] == r["variant"]]
     steps = (paired[0][1]["steps"], paired[0][0]["steps"]) if paired else (0, 0)
     return _table(["variant", "rate", "seeds", f"validation % at {steps[0]} → {steps[1]} steps",

@@ -51,7 +51,7 @@ class LotrConfig(AdapterConfig):
     recipes = {
         "classify": Recipe(3e-3, "power-minilm-sentiment/lotr-frozen", {"init": "tucker", "freeze_factors": True},
                            rank=88),
-        "text_to_label": Recipe(3e-3, "deep-smollm2-sentiment/lotr", {"share": "by_name"}),
+        "text_to_label": Recipe(3e-3, "deep-smollm2-sentiment/lotr", {"share": "by_name"}, rank=48),
     }
 
     share: str = field(default="by_name", metadata={

@@ -27,7 +27,7 @@ class PeftLoraConfig(ExternalAdapterConfig):
     title = "LoRA"
     recipes = {
         "classify": Recipe(3e-3, "power-minilm-sentiment/lora", rank=10),
-        "text_to_label": Recipe(3e-3, "deep-smollm2-sentiment/lora"),
+        "text_to_label": Recipe(3e-3, "deep-smollm2-sentiment/lora", rank=4),
     }
 
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:

@@ -291,7 +291,7 @@ def test_a_part_not_started_may_change(tiny_bert, colours, tmp_path, monkeypatch
     monkeypatch.undo()
     runner.prepare([Part(**{**first.__dict__, "seeds": (0, 1)}), changed], out)
     assert json.loads((out / runner.PLAN_FILE).read_text())["parts"][0]["seeds"] == [0, 1]
-    with pytest.raises(ValueError, match="another study plan"):
+    with pytest.raises(RankshareError, match="another study plan"):
         runner.prepare([Part(**{**first.__dict__, "seeds": (1,)}), changed], out)
 
 

@@ -30,6 +30,7 @@ def test_full_plan_follows_the_rules():
     assert set(parts) == {"lotr-minilm-news", "lotr-minilm-sentiment", "mor-minilm-news+sentiment",
                           "lotr-smollm2-sentiment", "lotr-minilm-sentiment-lower-rate", "power-minilm-sentiment",
                           "power-minilm-sentiment-960-steps", "deep-smollm2-sentiment", "shallow-minilm-sentiment",
+                          "shallow-minilm-sentiment-lower-rate",
                           "downstream-minilm-news",
                           "downstream-minilm-sentiment", "multitask-smollm2-skills"}
     for part in (p for p in parts.values() if p.steps is None):  # the first study's parts (test_study_power.py)

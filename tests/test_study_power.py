@@ -24,6 +24,7 @@ from rankshare.study.plan import (
     multitask_part,
     power_part,
     schedule_part,
+    shallow_lower_rate_part,
     shallow_part,
 )
 from rankshare.study.report import (
@@ -126,6 +127,15 @@ def test_the_shallow_part_asks_part_2s_question_on_six_layers():
     for name in ("lotr", "lotr-frozen"):  # the same span as part 2: far below r = 1's count, about r = 1's, r = 4's
         counts = [count(variants[name], r, MINILM_SHAPES) for r in variants[name].ranks]
         assert counts[0] < r1 / 2 and abs(counts[1] - r1) < 0.05 * r1 and abs(counts[2] - r4) < 0.05 * r4
+
+
+def test_the_shallow_lower_rate_check_reruns_the_largest_counts_one_rate_down():
+    part, check = shallow_part(), shallow_lower_rate_part()
+    rates = list(part.learning_rates)
+    assert check.learning_rates == (rates[rates.index(1e-2) - 1],) == (3e-3,)  # one step below the rate chosen
+    assert (check.seeds, check.steps, check.max_train) == (part.seeds, part.steps, part.max_train)
+    assert {v.name: v.ranks for v in check.variants} == {"lora": (4,), "lotr": (20,), "lotr-frozen": (56,)}
+    assert [v.options for v in check.variants] == [v.options for v in part.variants]
 
 
 def test_part_4_has_a_second_budget_where_mor_keeps_loras_rank():

@@ -53,7 +53,8 @@ def test_the_help_lists_the_recipes(monkeypatch):
     text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
     assert "mor 0.003 (classify), 0.003 (text_to_label), 0.003 (lm), 0.001 (sft)" in text
     assert "init of U and V (lotr; default: random; lotr classify: tucker)" in text
-    assert "lotr 24 (classify); moelora 2 (classify); 8 otherwise; at most the narrowest target's side)" in text
+    assert ("lotr 24 (classify); moelora 2 (classify); moelora 2 (sft); 8 otherwise; "
+            "at most the narrowest target's side)") in text
 
 
 def test_a_recipe_rank_beyond_the_model_is_cut_to_the_narrowest_target(tiny_bert, colours, tmp_path):
@@ -67,7 +68,7 @@ def part_objective(part: str) -> str:
 
 
 @pytest.mark.parametrize("method", ["lora", "lotr", "mor", "moelora"])
-@pytest.mark.parametrize("objective", ["classify", "text_to_label"])
+@pytest.mark.parametrize("objective", ["classify", "text_to_label", "sft"])
 def test_each_recipe_is_what_its_part_of_the_study_chose(method, objective):
     """Each studied objective has a recipe per method whose rate, options and rank are those of the variant it names
     in the part of the study it names (docs/results/<part>/search.json); one taken from another objective's part

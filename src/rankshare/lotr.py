@@ -52,6 +52,8 @@ class LotrConfig(AdapterConfig):
         "classify": Recipe(3e-3, "power-minilm-sentiment/lotr-frozen", {"init": "tucker", "freeze_factors": True},
                            rank=88),
         "text_to_label": Recipe(3e-3, "deep-smollm2-sentiment/lotr", {"share": "by_name"}, rank=48),
+        "sft": Recipe(3e-3, "deep-smollm2-sentiment/lotr (text_to_label's: sft not measured)", {"share": "by_name"},
+                      rank=48),
     }
 
     share: str = field(default="by_name", metadata={

@@ -66,6 +66,7 @@ class MoeLoraConfig(MixtureConfig):
         "classify": Recipe(3e-3, "power-minilm-sentiment/moelora-n4", {"num_experts": 4}, rank=2),
         "text_to_label": Recipe(3e-3, "power-minilm-sentiment/moelora-n4 (classify's: text_to_label not measured)",
                                 {"num_experts": 4}),
+        "sft": Recipe(1e-2, "multitask-smollm2-skills/moelora-n4", {"num_experts": 4}, rank=2),
     }
 
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:

@@ -69,6 +69,7 @@ class MorConfig(MixtureConfig):
         "classify": Recipe(3e-3, "power-minilm-sentiment/mor-n4", {"num_experts": 4}, rank=6),
         "text_to_label": Recipe(3e-3, "power-minilm-sentiment/mor-n4 (classify's: text_to_label not measured)",
                                 {"num_experts": 4}),
+        "sft": Recipe(3e-3, "multitask-smollm2-skills/mor-n4", {"num_experts": 4}, rank=8),
     }
 
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:

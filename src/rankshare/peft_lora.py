@@ -28,6 +28,7 @@ class PeftLoraConfig(ExternalAdapterConfig):
     recipes = {
         "classify": Recipe(3e-3, "power-minilm-sentiment/lora", rank=10),
         "text_to_label": Recipe(3e-3, "deep-smollm2-sentiment/lora", rank=4),
+        "sft": Recipe(3e-3, "multitask-smollm2-skills/lora", rank=12),
     }
 
     def num_trainable_parameters(self, shapes: dict[str, tuple[int, int]]) -> int:

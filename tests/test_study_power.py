@@ -21,6 +21,8 @@ from rankshare.study.plan import (
     Part,
     Variant,
     deep_part,
+    downstream_floor_part,
+    downstream_part,
     multitask_part,
     power_part,
     schedule_part,
@@ -136,6 +138,14 @@ def test_the_shallow_lower_rate_check_reruns_the_largest_counts_one_rate_down():
     assert (check.seeds, check.steps, check.max_train) == (part.seeds, part.steps, part.max_train)
     assert {v.name: v.ranks for v in check.variants} == {"lora": (4,), "lotr": (20,), "lotr-frozen": (56,)}
     assert [v.options for v in check.variants] == [v.options for v in part.variants]
+
+
+def test_the_news_floor_is_the_head_alone_on_part_3s_split_and_schedule():
+    part, floor = downstream_part("news", "sentiment"), downstream_floor_part("news")
+    same = ("model", "data", "max_train", "max_eval", "max_length", "batch_size", "steps", "seeds", "search_seeds")
+    assert all(getattr(floor, name) == getattr(part, name) for name in same)
+    assert [(v.method, v.learning_rates) for v in floor.variants] == [("head-only", (3e-2, 1e-1, 3e-1))]
+    assert floor.name == "downstream-minilm-news-floor"
 
 
 def test_part_4_has_a_second_budget_where_mor_keeps_loras_rank():

@@ -470,7 +470,7 @@ def comparison_section(part: Part, runs: dict[str, list[dict]], test_examples: i
     if tasks:
         images[f"{part.name}-routing-by-layer.png"] = routing_figure(part, runs)
     table = _table(header, rows) + "\n\n" + precision_note(test_examples, differences)
-    if part.claim in ("parameter-efficiency", "downstream"):
+    if part.claim in ("parameter-efficiency", "downstream") and runs.get("lora"):
         table += "\n\n" + equal_accuracy_note(part, runs)
     return table, {name: image for name, image in images.items() if image is not None}
 
@@ -513,8 +513,9 @@ def comparison_figure(part: Part, runs: dict[str, list[dict]], score: str):
         group = runs[variant.name]
         if not group:
             continue
-        if variant.method == "zero-shot":
-            axes.axhline(100 * accuracy(group[0]), color="0.3", linestyle=":", label=variant.label)
+        if variant.method in BASELINES:  # no adapter: a line at the mean
+            mean = statistics.fmean(map(accuracy, group))
+            axes.axhline(100 * mean, color="0.3", linestyle=":", label=variant.label)
             continue
         groups = by_rank(group)
         xs = [runs_at[0]["trainable_parameters"]["adapter"] for _, runs_at in groups]

@@ -22,6 +22,7 @@ from rankshare.study.plan import (
     Variant,
     deep_part,
     downstream_floor_part,
+    downstream_higher_rate_part,
     downstream_part,
     multitask_part,
     power_part,
@@ -146,6 +147,16 @@ def test_the_news_floor_is_the_head_alone_on_part_3s_split_and_schedule():
     assert all(getattr(floor, name) == getattr(part, name) for name in same)
     assert [(v.method, v.learning_rates) for v in floor.variants] == [("head-only", (3e-2, 1e-1, 3e-1))]
     assert floor.name == "downstream-minilm-news-floor"
+
+
+def test_the_higher_rate_check_is_part_3_one_rate_up_for_the_variants_at_the_top_of_its_grid():
+    for target, source in (("news", "sentiment"), ("sentiment", "news")):
+        part, check = downstream_part(target, source), downstream_higher_rate_part(target, source)
+        assert check.learning_rates == (3 * max(part.learning_rates),) == (3e-2,)
+        assert (check.steps, check.max_train, check.max_eval, check.seeds) == (part.steps, part.max_train,
+                                                                              part.max_eval, (0,))
+        assert [v.name for v in check.variants] == ["lora", f"cores-on-{source}", "cores-on-tucker"]
+        assert [v for v in part.variants if v.name != "lotr"] == check.variants
 
 
 def test_part_4_has_a_second_budget_where_mor_keeps_loras_rank():

@@ -124,6 +124,8 @@ def full_plan() -> list[Part]:
         downstream_part("news", "sentiment"),
         downstream_part("sentiment", "news"),
         downstream_floor_part("news"),
+        downstream_higher_rate_part("news", "sentiment"),
+        downstream_higher_rate_part("sentiment", "news"),
         multitask_part(),
     ]
 
@@ -249,6 +251,15 @@ def downstream_floor_part(target: str) -> Part:
     part = downstream_part(target, "sentiment" if target == "news" else "news")
     head = Variant("head-only", "head only (no adapter)", "head-only", learning_rates=(3e-2, 1e-1, 3e-1))
     return replace(part, name=f"{part.name}-floor", variants=[head])
+
+
+def downstream_higher_rate_part(target: str, source: str) -> Part:
+    """Added after part 3's rate search: LoRA r = 1 and both core-only variants chose 1e-2, the top of the two-rate
+    grid, on news and on sentiment, each clearly above 3e-3 on validation. The next rate up (3e-2), seed 0 first: its
+    validation score says whether the small adapters were held back by the grid (more seeds where it is)."""
+    part = downstream_part(target, source)
+    variants = [v for v in part.variants if v.name != "lotr"]  # a whole LoTR chose 3e-3, inside the grid
+    return replace(part, name=f"{part.name}-higher-rate", learning_rates=(3e-2,), seeds=(0,), variants=variants)
 
 
 # On SmolLM2's query and value projections: 691,200 = LoRA r = 12, where MoR N = 4 has r = 8 and N = 8 r = 4 (its

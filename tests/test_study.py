@@ -32,7 +32,9 @@ def test_full_plan_follows_the_rules():
                           "power-minilm-sentiment-960-steps", "deep-smollm2-sentiment", "shallow-minilm-sentiment",
                           "shallow-minilm-sentiment-lower-rate",
                           "downstream-minilm-news",
-                          "downstream-minilm-sentiment", "multitask-smollm2-skills"}
+                          "downstream-minilm-sentiment", "downstream-minilm-news-floor",
+                          "downstream-minilm-news-higher-rate", "downstream-minilm-sentiment-higher-rate",
+                          "multitask-smollm2-skills"}
     for part in (p for p in parts.values() if p.steps is None):  # the first study's parts (test_study_power.py)
         assert part.seeds == (0, 1, 2)
         assert len(part.learning_rates) >= 2 or part.name.endswith("lower-rate")  # a fixed rate, said in its name

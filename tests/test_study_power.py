@@ -32,6 +32,7 @@ from rankshare.study.plan import (
 )
 from rankshare.study.report import (
     collapsed,
+    comparison_section,
     equal_accuracy_note,
     layer_distances,
     paired_difference,
@@ -207,6 +208,25 @@ def test_equal_accuracy_is_the_smallest_adapter_whose_mean_reaches_loras():
     # r = 2's mean (70 %) falls short of 71 % though one seed is above it; r = 8's reaches it
     assert "LoRA r=1 (71.0 %, 1,000 parameters): LoTR r=8, 500 (2.0× fewer)" in note
     assert "LoRA r=4 (75.0 %, 4,000 parameters): LoTR: none of its ranks" in note
+
+
+def test_a_check_one_rate_up_is_paired_with_lora_at_the_rate_its_part_chose():
+    def runs(name, lr, scores):
+        return [{"variant": name, "rank": 1, "seed": seed, "config": {"lr": lr}, "trainable_parameters": {"adapter": 9},
+                 "metrics": {"test": {"average": {"accuracy": score}}}} for seed, score in enumerate(scores)]
+
+    check = downstream_higher_rate_part("sentiment", "news")
+    chosen = runs("lora", 1e-2, (0.76, 0.72))  # part 3's LoRA at its rate
+    grouped = {"lora": runs("lora", 3e-2, (0.43, 0.43)), "cores-on-news": runs("cores-on-news", 3e-2, (0.64, 0.62)),
+               "cores-on-tucker": runs("cores-on-tucker", 3e-2, (0.70, 0.66))}
+    table, _ = comparison_section(check, grouped, 500, ("downstream-minilm-sentiment", chosen))
+    assert "Δ vs LoRA r=1 at 0.01 (downstream-minilm-sentiment)" in table
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "| -31.0 [" in rows["| LoRA r=1 (PEFT)"]  # LoRA at 3e-2 against LoRA at 1e-2, seed by seed
+    assert "| -6.0 [" in rows["| cores only, on the frozen Tucker basis"]
+    assert "smallest adapter" not in table  # reaching a collapsed LoRA's score says nothing
+    own, _ = comparison_section(check, grouped, 500)  # without it, the part's own LoRA
+    assert "| -31.0 [" not in own and "Δ vs LoRA r=1," in own
 
 
 def test_a_part_still_choosing_its_rates_shows_its_short_runs(tmp_path):

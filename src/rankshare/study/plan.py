@@ -262,6 +262,12 @@ def downstream_higher_rate_part(target: str, source: str) -> Part:
     return replace(part, name=f"{part.name}-higher-rate", learning_rates=(3e-2,), seeds=(0,), variants=variants)
 
 
+def reference_part(part: Part) -> str | None:
+    """The part whose LoRA, at the rate that part chose, is ``part``'s paired reference where its own LoRA is not:
+    a check one rate up compares with LoRA at its chosen rate, not with LoRA at the check's rate."""
+    return part.name.removesuffix("-higher-rate") if part.name.endswith("-higher-rate") else None
+
+
 # On SmolLM2's query and value projections: 691,200 = LoRA r = 12, where MoR N = 4 has r = 8 and N = 8 r = 4 (its
 # routers and output-side expert vectors take the rest), MoE-LoRA N = 4 r = 2 (-13 %) and N = 8 r = 1 (+7 %).
 # 921,600 = LoRA r = 16, where MoR N = 4 has r = 12: the shared rank LoRA has at the first budget.
@@ -294,7 +300,10 @@ def multitask_part() -> Part:
 # SmolLM2's parts keep the fewest: each of its variants loads and scores a 135M model (the test suite runs them).
 QUICK_VARIANTS = {"lotr-smollm2-sentiment": ("lotr-frozen",),
                   "deep-smollm2-sentiment": ("lotr-frozen", "zero-shot"),
-                  "multitask-smollm2-skills": ("mor-n4", "zero-shot")}
+                  "multitask-smollm2-skills": ("mor-n4", "zero-shot"),
+                  # the checks one rate up: their basis variant is the downstream parts' code; no second basis
+                  "downstream-minilm-news-higher-rate": ("lora", "cores-on-tucker"),
+                  "downstream-minilm-sentiment-higher-rate": ("lora", "cores-on-tucker")}
 
 
 def quick_plan() -> list[Part]:

@@ -22,7 +22,7 @@ from ..config import method_class, methods
 from ..errors import RankshareError
 from ..finetune.report import compact, new_figure, router_figure
 from .compression import compression_section
-from .plan import BASELINES, Part, Variant, part_from_dict, rates
+from .plan import BASELINES, Part, Variant, part_from_dict, rates, reference_part
 from .runner import PLAN_FILE, SEARCH_FILE
 
 SUMMARY = "summary.md"
@@ -430,11 +430,23 @@ def paired_figure(part: Part, runs: dict[str, list[dict]]):
     return figure
 
 
-def comparison_section(part: Part, runs: dict[str, list[dict]], test_examples: int) -> tuple[str, dict]:
+def lora_of(out: Path, name: str | None) -> tuple[str, list[dict]] | None:
+    """The LoRA runs of part ``name`` in ``out`` at the rate it chose (None without a part or its search)."""
+    parts = {part.name: part for part in load_parts(out)}
+    if name not in parts or not (out / name / SEARCH_FILE).is_file():
+        return None
+    search = json.loads((out / name / SEARCH_FILE).read_text())
+    return name, final_runs(parts[name], search, part_records(out, parts[name])).get("lora", [])
+
+
+def comparison_section(part: Part, runs: dict[str, list[dict]], test_examples: int,
+                       reference_from: tuple[str, list[dict]] | None = None) -> tuple[str, dict]:
     """A part of the powered study past the first (2, 3, 4): per variant and rank, the test scores per task, the
-    paired difference against LoRA (at its smallest rank), the forgetting measure, and the zero-shot floor."""
+    paired difference against LoRA (at its smallest rank; or ``reference_from``: another part's name and its LoRA
+    runs at the rate it chose), the forgetting measure, and the zero-shot floor."""
     baseline = next((v for v in part.variants if v.method == "lora"), None)
-    reference = sorted(runs[baseline.name], key=lambda r: r["rank"]) if baseline else []
+    reference = reference_from[1] if reference_from else runs[baseline.name] if baseline else []
+    reference = sorted(reference, key=lambda r: r["rank"])
     reference = [r for r in reference if r["rank"] == reference[0]["rank"]] if reference else []
     tasks = sorted({t for group in runs.values() for r in group for t in r["metrics"]["test"] if t != "average"})
     tasks = tasks if len(tasks) > 1 else []
@@ -446,7 +458,7 @@ def comparison_section(part: Part, runs: dict[str, list[dict]], test_examples: i
                      f"{lr:g}" if lr else "—"]
             cells += [_pm(mean_std([accuracy(r, task=t) for r in group])) for t in tasks]
             cells.append(_pm(mean_std([accuracy(r) for r in group])))
-            same = group is reference or (reference and group[0] is reference[0])
+            same = not reference_from and (group is reference or (reference and group[0] is reference[0]))
             difference = None if same or variant.method == "zero-shot" else paired_difference(group, reference)
             differences.append(difference)
             cells.append(_ci(difference))
@@ -461,6 +473,8 @@ def comparison_section(part: Part, runs: dict[str, list[dict]], test_examples: i
             rows.append(cells)
     score = "exact match" if part.data == "skills" else "accuracy"
     against = f"LoRA r={reference[0]['rank']}" if reference else "LoRA"
+    if reference_from and reference:
+        against += f" at {reference[0]['config']['lr']:g} ({reference_from[0]})"
     header = ["variant", "rank", "trainable params", "rate"] + [f"{t} %" for t in tasks]
     header += [f"test {score} %", f"Δ vs {against}, points [95 % CI]"]
     header += ["Δ held-out loss (nats)"] if part.forgetting else []
@@ -470,7 +484,7 @@ def comparison_section(part: Part, runs: dict[str, list[dict]], test_examples: i
     if tasks:
         images[f"{part.name}-routing-by-layer.png"] = routing_figure(part, runs)
     table = _table(header, rows) + "\n\n" + precision_note(test_examples, differences)
-    if part.claim in ("parameter-efficiency", "downstream") and runs.get("lora"):
+    if part.claim in ("parameter-efficiency", "downstream") and runs.get("lora") and not reference_from:
         table += "\n\n" + equal_accuracy_note(part, runs)
     return table, {name: image for name, image in images.items() if image is not None}
 
@@ -639,7 +653,8 @@ def write_summary(out: Path) -> Path:
         elif part.claim == "schedule":
             table = schedule_section(part, records, out)
         elif part.steps:  # the parts of the powered study
-            table, images = comparison_section(part, runs, search["examples"]["test"])
+            table, images = comparison_section(part, runs, search["examples"]["test"],
+                                               lora_of(out, reference_part(part)))
             if part.forgetting:
                 generative.append((part, runs))
         elif part.claim == "parameter-efficiency":

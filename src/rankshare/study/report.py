@@ -432,8 +432,10 @@ def paired_figure(part: Part, runs: dict[str, list[dict]]):
 
 def lora_of(out: Path, name: str | None) -> tuple[str, list[dict]] | None:
     """The LoRA runs of part ``name`` in ``out`` at the rate it chose (None without a part or its search)."""
+    if name is None or not (out / name / SEARCH_FILE).is_file():  # most parts: no plan or records read
+        return None
     parts = {part.name: part for part in load_parts(out)}
-    if name not in parts or not (out / name / SEARCH_FILE).is_file():
+    if name not in parts:
         return None
     search = json.loads((out / name / SEARCH_FILE).read_text())
     return name, final_runs(parts[name], search, part_records(out, parts[name])).get("lora", [])

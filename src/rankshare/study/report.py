@@ -430,17 +430,6 @@ def paired_figure(part: Part, runs: dict[str, list[dict]]):
     return figure
 
 
-def lora_of(out: Path, name: str | None) -> tuple[str, list[dict]] | None:
-    """The LoRA runs of part ``name`` in ``out`` at the rate it chose (None without a part or its search)."""
-    if name is None or not (out / name / SEARCH_FILE).is_file():  # most parts: no plan or records read
-        return None
-    parts = {part.name: part for part in load_parts(out)}
-    if name not in parts:
-        return None
-    search = json.loads((out / name / SEARCH_FILE).read_text())
-    return name, final_runs(parts[name], search, part_records(out, parts[name])).get("lora", [])
-
-
 def comparison_section(part: Part, runs: dict[str, list[dict]], test_examples: int,
                        reference_from: tuple[str, list[dict]] | None = None) -> tuple[str, dict]:
     """A part of the powered study past the first (2, 3, 4): per variant and rank, the test scores per task, the
@@ -638,6 +627,7 @@ def searching(folder: Path) -> str | None:
 def write_summary(out: Path) -> Path:
     """summary.md and the plots of every part in ``out``, from the records there."""
     sections, searches, merges, times, generative = [], [], [], [], []
+    chosen: dict[str, dict[str, list[dict]]] = {}  # per part drawn so far, its runs at the rates it chose
     for part in load_parts(out):
         search_path = out / part.name / SEARCH_FILE
         records = part_records(out, part) if (out / part.name).is_dir() else []
@@ -648,15 +638,17 @@ def write_summary(out: Path) -> Path:
         else:
             sections.append(f"## {part.name}\n\n{searching(out / part.name / 'search') or 'Not run yet.'}\n")
             continue
-        runs = final_runs(part, search, records)
+        runs = chosen[part.name] = final_runs(part, search, records)
         images = {}
         if part.claim == "power":
             table, images = power_section(part, search, records)
         elif part.claim == "schedule":
             table = schedule_section(part, records, out)
         elif part.steps:  # the parts of the powered study
-            table, images = comparison_section(part, runs, search["examples"]["test"],
-                                               lora_of(out, reference_part(part)))
+            # A check's reference part comes before it in the plan (checks are added after the parts they check).
+            reference = reference_part(part)
+            lora = (reference, chosen[reference].get("lora", [])) if reference in chosen else None
+            table, images = comparison_section(part, runs, search["examples"]["test"], lora)
             if part.forgetting:
                 generative.append((part, runs))
         elif part.claim == "parameter-efficiency":

@@ -4,6 +4,7 @@ every adapter scored; on a tiny LLaMA with two skills tasks."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -55,6 +56,22 @@ def test_the_report_answers_how_few_parameters_keep_95_percent(study):
     text, figure = compression_section(out / part.name)
     assert "| lora | 2 |" in text and "| joint | 8 |" in text and "| separate |" in text
     assert "keep 95 % of the LoRAs' average exact match" in text and figure is not None
+
+
+def test_a_lora_whose_run_is_gone_is_trained_again_and_must_score_as_recorded(study, tmp_path):
+    part, out, records = study
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    shutil.rmtree(_runs(copy, part)["add"])  # the runs are not kept with the records
+    run_compression(part, copy, quiet=True, say=lambda text: None)
+    again = json.loads((copy / part.name / "lora-add.json").read_text())
+    assert again["metrics"] == records["lora-add"]["metrics"] and (_runs(copy, part)["add"] / "metrics.json").is_file()
+
+    shutil.rmtree(_runs(copy, part)["sort"])
+    tampered = {**records["lora-sort"], "metrics": {**records["lora-sort"]["metrics"], "average": {"exact_match": 2}}}
+    (copy / part.name / "lora-sort.json").write_text(json.dumps(tampered))
+    with pytest.raises(rs.RankshareError, match="the LoRA for sort was trained again"):
+        run_compression(part, copy, quiet=True, say=lambda text: None)
 
 
 def _runs(out, part):

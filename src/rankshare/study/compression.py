@@ -122,19 +122,27 @@ def separate_rank(part: CompressionPart, rank: int, loras: dict[str, Path]) -> i
 
 
 def _lora(part: CompressionPart, task: str, run: Path, folder: Path, quiet: bool, say) -> Path:
+    """The task's trained LoRA run: trained and scored once; trained again where its record is kept but the run is
+    not (``.runs`` is not kept with the records), and then it must score as recorded."""
     record = folder / f"lora-{task}.json"
-    if not record.is_file():
-        settings = {"seed": 0, "lr": part.learning_rate, "batch_size": part.batch_size, "epochs": 1}
-        job = Job(methods=["lora"], model=part.model, data=f"skills:{task}", max_train=part.max_train,
-                  max_eval=part.max_eval, max_length=part.max_length, rank=part.lora_rank, settings=settings)
-        resuming = (run / "command.json").is_file()  # an interrupted training goes on from its checkpoint
-        if not resuming:
-            shutil.rmtree(run, ignore_errors=True)
-        (trained,) = run_job(job, run, quiet, say, resuming=resuming)
-        _score(record, run, quiet, say, {"kind": "lora", "task": task, "rank": part.lora_rank,
-                                         "total_parameters": trained["trainable_parameters"]["adapter"],
-                                         "steps": trained["steps"], "train_seconds": trained["train_seconds"],
-                                         "bytes_on_disk": _bytes(run)})
+    if record.is_file() and (run / "metrics.json").is_file():
+        return run
+    settings = {"seed": 0, "lr": part.learning_rate, "batch_size": part.batch_size, "epochs": 1}
+    job = Job(methods=["lora"], model=part.model, data=f"skills:{task}", max_train=part.max_train,
+              max_eval=part.max_eval, max_length=part.max_length, rank=part.lora_rank, settings=settings)
+    resuming = (run / "command.json").is_file()  # an interrupted training goes on from its checkpoint
+    if not resuming:
+        shutil.rmtree(run, ignore_errors=True)
+    (trained,) = run_job(job, run, quiet, say, resuming=resuming)
+    recorded = json.loads(record.read_text()) if record.is_file() else None
+    _score(record, run, quiet, say, {"kind": "lora", "task": task, "rank": part.lora_rank,
+                                     "total_parameters": trained["trainable_parameters"]["adapter"],
+                                     "steps": trained["steps"], "train_seconds": trained["train_seconds"],
+                                     "bytes_on_disk": _bytes(run)})
+    if recorded is not None and json.loads(record.read_text())["metrics"] != recorded["metrics"]:
+        raise rs.RankshareError(f"the LoRA for {task} was trained again (its run was gone) and scores otherwise than "
+                                f"recorded, so the compressions recorded from it no longer hold: remove {folder} "
+                                "and run the part again")
     return run
 
 

@@ -58,6 +58,18 @@ def test_the_report_answers_how_few_parameters_keep_95_percent(study):
     assert "keep 95 % of the LoRAs' average exact match" in text and figure is not None
 
 
+def test_a_set_scored_on_only_some_tasks_says_so_and_answers_nothing(study, tmp_path):
+    part, out, records = study
+    folder = shutil.copytree(out / part.name, tmp_path / part.name)
+    (folder / "joint-r2-recovered-sort.json").unlink()  # a part still running: one task of the set scored
+    for name in ("lora-add", "lora-sort", "joint-r2-recovered-add"):  # every set but this one falls short of 95 %
+        record = {**records[name], "exact_match": 1.0 if name.startswith("lora") else 0.96}
+        (folder / f"{name}.json").write_text(json.dumps(record))
+    text, _ = compression_section(folder)
+    assert "| joint, recovered | 2 |" in text and "96.0 (1 of 2 tasks)" in text
+    assert "- joint, recovered: no rank measured keeps 95 %" in text
+
+
 def test_a_lora_whose_run_is_gone_is_trained_again_and_must_score_as_recorded(study, tmp_path):
     part, out, records = study
     copy = tmp_path / "out"

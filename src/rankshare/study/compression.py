@@ -198,19 +198,24 @@ def compression_section(folder: Path) -> tuple[str, object] | None:
     header = ["adapters", "rank", "parameters", "MiB on disk", *tasks, "average", "of the LoRAs'",
               "fit's mean rel. error"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    # A set scored on only some of the tasks so far (a part still running): its average is over those, said so,
+    # and it is left out of the answer and the plot.
+    complete = [row for row in rows if len(row["tasks"]) == len(tasks)]
     for row in rows:
         share = f"{100 * row['average'] / lora['average']:.0f} %" if lora and lora["average"] else "—"
+        average = f"{100 * row['average']:.1f}" + ("" if row in complete else
+                                                    f" ({len(row['tasks'])} of {len(tasks)} tasks)")
         lines.append("| " + " | ".join([row["kind"], str(row["rank"]), f"{row['parameters']:,}",
                                         f"{row['bytes'] / 2**20:.2f}",
                                         *(f"{100 * row['tasks'][t]:.0f}" if t in row["tasks"] else "—" for t in tasks),
-                                        f"{100 * row['average']:.1f}", share,
+                                        average, share,
                                         "—" if row["kind"] in ("lora", "joint, recovered")
                                         else f"{row['error']:.3f}"]) + " |")
     text = "\n".join(lines)
     if lora:
         keep = []
         for kind in KINDS[1:]:
-            enough = [row for row in rows if row["kind"] == kind and row["average"] >= 0.95 * lora["average"]]
+            enough = [row for row in complete if row["kind"] == kind and row["average"] >= 0.95 * lora["average"]]
             best = min(enough, key=lambda row: row["parameters"], default=None)
             keep.append(f"- {kind}: " + (f"{best['parameters']:,} parameters (rank {best['rank']}), "
                                           f"{best['parameters'] / lora['parameters']:.3f}× the LoRAs'" if best else
@@ -220,7 +225,7 @@ def compression_section(folder: Path) -> tuple[str, object] | None:
     axes = figure.add_subplot()
     axes.set_xscale("log")
     for i, kind in enumerate(KINDS[1:]):
-        series = sorted((row["parameters"], 100 * row["average"]) for row in rows if row["kind"] == kind)
+        series = sorted((row["parameters"], 100 * row["average"]) for row in complete if row["kind"] == kind)
         if series:
             axes.plot(*zip(*series), marker="o", color=f"C{i}", label=kind)
     if lora:

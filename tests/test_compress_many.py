@@ -74,10 +74,13 @@ def test_inputs_that_cannot_be_compressed_together_are_one_line(loras, tmp_path,
         ([f"news={loras['news']}", str(loras["sentiment"])], "distinct name each"),
         ([f"news={loras['news']}", f"news={loras['sentiment']}"], "distinct name each"),
         ([f"news={loras['news']}", f"other={lotr}"], "compress takes LoRA runs"),
+        ([str(loras["news"]), "--recover-steps=3"], "several LoRAs compressed into one basis"),
+        ([f"news={loras['news']}", f"sentiment={loras['sentiment']}", "--recover-lr=0.1"], "give both, or neither"),
     ]
     for adapters, message in cases:
         out = tmp_path / "out"
-        assert cli("compress", *(f"--adapter={a}" for a in adapters), "--rank", 4, "--out", out) == 2
+        options = [a if a.startswith("--") else f"--adapter={a}" for a in adapters]
+        assert cli("compress", *options, "--rank", 4, "--out", out) == 2
         error = capsys.readouterr().err.strip()
         assert message in error and "\n" not in error and not out.exists()
 
@@ -86,10 +89,11 @@ def test_recovery_trains_the_cores_alone(loras, tmp_path):
     plain, recovered = tmp_path / "plain", tmp_path / "recovered"
     adapters = [f"--adapter=news={loras['news']}", f"--adapter=sentiment={loras['sentiment']}"]
     assert cli("compress", *adapters, "--rank", 4, "--out", plain) == 0
-    assert cli("compress", *adapters, "--rank", 4, "--recover-steps", 3, "--quiet", "--out", recovered) == 0
+    assert cli("compress", *adapters, "--rank", 4, "--recover-steps", 3, "--recover-lr", 0.05, "--quiet", "--out",
+               recovered) == 0
     for task in ("news", "sentiment"):
         run = json.loads((recovered / "rank-4" / task / "run.json").read_text())
-        assert run["recovered"]["steps"] == 3
+        assert run["recovered"]["steps"] == 3 and run["recovered"]["learning_rate"] == 0.05
         assert run["recovered"]["trainable_parameters"]["head"] == 0  # the head stays as the LoRA left it
         before, *_ = load_trained(plain / "rank-4" / task, "cpu")
         after, *_ = load_trained(recovered / "rank-4" / task, "cpu")

@@ -17,7 +17,7 @@ def study(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("compression")
     part = CompressionPart("compress-tiny", str(tiny_llama), ("add", "sort"), lora_rank=2, max_train=8, max_eval=2,
                            max_length=64, batch_size=4, learning_rate=1e-2, ranks=(2, 8), recover_ranks=(2,),
-                           recover_steps=2)
+                           recover_steps=2, recover_rates=(None, 0.05))
     run_compression(part, out, quiet=True, say=lambda text: None)
     records = {p.stem: json.loads(p.read_text()) for p in (out / part.name).glob("*.json") if p.name != "part.json"}
     return part, out, records
@@ -27,7 +27,7 @@ def test_every_adapter_is_trained_compressed_and_scored(study):
     part, out, records = study
     kinds = sorted({(r["kind"], r["rank"]) for r in records.values()})
     # q_proj 32 x 32 and v_proj 16 x 32 in 2 layers: the separate rank whose two adapters match the joint's size
-    assert kinds == [("joint", 2), ("joint", 8), ("joint, recovered", 2), ("lora", 2),
+    assert kinds == [("joint", 2), ("joint", 8), ("joint, recovered", 2), ("joint, recovered at 0.05", 2), ("lora", 2),
                      ("separate", separate_rank(part, 2, _runs(out, part))),
                      ("separate", separate_rank(part, 8, _runs(out, part)))]
     assert all(0 <= r["exact_match"] <= 1 and r["task"] in r["metrics"] for r in records.values())
@@ -36,6 +36,8 @@ def test_every_adapter_is_trained_compressed_and_scored(study):
         assert records[f"joint-r8-{task}"]["relative_error"] < 1e-5
         assert records[f"joint-r8-{task}"]["exact_match"] == records[f"lora-{task}"]["exact_match"]
         assert records[f"joint-r2-recovered-{task}"]["recovered"]["steps"] == 2
+        assert records[f"joint-r2-recovered-{task}"]["recovered"]["learning_rate"] == part.learning_rate
+        assert records[f"joint-r2-recovered-lr0.05-{task}"]["recovered"]["learning_rate"] == 0.05
 
 
 def test_the_separate_rank_matches_the_joint_size_by_hand(study):
@@ -55,6 +57,7 @@ def test_the_report_answers_how_few_parameters_keep_95_percent(study):
     part, out, _ = study
     text, figure = compression_section(out / part.name)
     assert "| lora | 2 |" in text and "| joint | 8 |" in text and "| separate |" in text
+    assert "| joint, recovered at 0.05 | 2 |" in text
     assert "keep 95 % of the LoRAs' average exact match" in text and figure is not None
 
 
@@ -75,12 +78,15 @@ def test_a_lora_whose_run_is_gone_is_trained_again_and_must_score_as_recorded(st
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     shutil.rmtree(_runs(copy, part)["add"])  # the runs are not kept with the records
-    run_compression(part, copy, quiet=True, say=lambda text: None)
-    again = json.loads((copy / part.name / "lora-add.json").read_text())
-    assert again["metrics"] == records["lora-add"]["metrics"] and (_runs(copy, part)["add"] / "metrics.json").is_file()
+    said = []
+    run_compression(part, copy, quiet=True, say=said.append)
+    assert "lora-add: trained again, scores as recorded" in said
+    assert json.loads((copy / part.name / "lora-add.json").read_text()) == records["lora-add"]  # the first's, kept
+    assert (_runs(copy, part)["add"] / "metrics.json").is_file()
 
     shutil.rmtree(_runs(copy, part)["sort"])
-    tampered = {**records["lora-sort"], "metrics": {**records["lora-sort"]["metrics"], "average": {"exact_match": 2}}}
+    metrics = records["lora-sort"]["metrics"]
+    tampered = {**records["lora-sort"], "metrics": {**metrics, "sort": {**metrics["sort"], "exact_match": 2}}}
     (copy / part.name / "lora-sort.json").write_text(json.dumps(tampered))
     with pytest.raises(rs.RankshareError, match="the LoRA for sort was trained again"):
         run_compression(part, copy, quiet=True, say=lambda text: None)

@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="LoTR groups (default: %(default)s)")
     compress.add_argument("--recover-steps", type=_positive_int, help="several LoRA runs: then train each task's "
                           "cores alone for this many steps on its run's training data (the basis and heads frozen)")
+    compress.add_argument("--recover-lr", type=_positive_float, help="the rate of --recover-steps (default: each "
+                          "LoRA run's own)")
     compress.add_argument("--out", type=Path, required=True, help="the compressed run (or a folder of them)")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -576,9 +578,18 @@ def _run_compress(args) -> None:
     from .finetune.convert import compress_run, compress_runs
     from .finetune.run_folder import check_out
 
-    check_out(args.out, args.overwrite)
     (name, adapter), *others = args.adapter
-    if name is None and not others:
+    single = name is None and not others
+    if args.recover_steps and single:
+        raise RankshareError("--recover-steps trains the cores of several LoRAs compressed into one basis: give "
+                             "them as --adapter TASK=RUN, or leave it out.")
+    if args.recover_lr and not args.recover_steps:
+        raise RankshareError("--recover-lr is the rate of --recover-steps: give both, or neither.")
+    if args.recover_steps and any(not (folder / "run.json").is_file() for _, folder in args.adapter):
+        raise RankshareError("--recover-steps trains on each LoRA run's own data: give rankshare LoRA runs, not PEFT "
+                             "folders, or leave it out.")
+    check_out(args.out, args.overwrite)
+    if single:
         print("| rank | group | LoRA params | LoTR params | LoTR / LoRA | relative error |")
         print("| ---: | :--- | ---: | ---: | ---: | ---: |")
         for rank, folder, report in compress_run(adapter, args.rank, args.out, args.share, args.model):
@@ -587,9 +598,6 @@ def _run_compress(args) -> None:
                       f"{fit.parameter_ratio:.3f} | {fit.relative_error:.4f} |")
             print(f"LoTR rank {rank} in {folder}", file=sys.stderr)
         return
-    if args.recover_steps and any(not (folder / "run.json").is_file() for _, folder in args.adapter):
-        raise RankshareError("--recover-steps trains on each LoRA run's own data: give rankshare LoRA runs, not PEFT "
-                             "folders, or leave it out.")
     print("| rank | task | relative error | LoRA params | params on the basis | ratio |")
     print("| ---: | :--- | ---: | ---: | ---: | ---: |")
     fitted = compress_runs(args.adapter, args.rank, args.out, args.share, args.model)
@@ -606,7 +614,7 @@ def _run_compress(args) -> None:
 
         for rank, folder, report in fitted:
             for task in report.task_errors:
-                done = recover_cores(folder / task, args.recover_steps, args.quiet)
+                done = recover_cores(folder / task, args.recover_steps, args.quiet, args.recover_lr)
                 print(f"rank {rank}, {task}: cores trained {done['steps']} steps ({done['train_seconds']:.0f} s)",
                       file=sys.stderr)
 

@@ -188,10 +188,10 @@ def run_job(job: Job, out: Path, quiet: bool, say, overwrite: bool = False, resu
     return records
 
 
-def recover_cores(folder: Path, steps: int, quiet: bool) -> dict:
+def recover_cores(folder: Path, steps: int, quiet: bool, learning_rate: float | None = None) -> dict:
     """Train the cores of a compressed task run (``compress --adapter TASK=RUN``) for ``steps`` steps on the training
-    data of the LoRA run it came from, at that run's rate and batch size; the basis and the head stay frozen. The
-    adapter is saved again and run.json records what was done (``recovered``)."""
+    data of the LoRA run it came from, at ``learning_rate`` (default: that run's) and its batch size; the basis and
+    the head stay frozen. The adapter is saved again and run.json records what was done (``recovered``)."""
     run, folder = load_run(folder)
     job = recorded_job(run)
     space = Workspace(replace(job, basis=None), quiet)
@@ -205,7 +205,7 @@ def recover_cores(folder: Path, steps: int, quiet: bool) -> dict:
             model.get_submodule(name).current().requires_grad_(False)
         return model
 
-    recorded = Settings(adapter=run["settings"]["adapter"], lr=run["settings"]["lr"],
+    recorded = Settings(adapter=run["settings"]["adapter"], lr=learning_rate or run["settings"]["lr"],
                         batch_size=run["settings"]["batch_size"], seed=run["settings"].get("seed", 0), max_steps=steps,
                         epochs=epochs_for(steps, run["settings"]["batch_size"], len(space.splits.train)))
     with tempfile.TemporaryDirectory() as checkpoints:

@@ -5,7 +5,7 @@ The steps, each kept once done (an interrupted run goes on where it stopped):
 
 1. One PEFT LoRA per task (``rankshare train --method lora --data skills:TASK``), the same steps and rate for each.
 2. The LoRAs compressed jointly (``compress --adapter TASK=RUN ...``) at each rank of ``ranks``; at the ranks of
-   ``recover_ranks`` also with ``--recover-steps``.
+   ``recover_ranks`` also with ``--recover-steps``, at each rate of ``recover_rates`` (None: the LoRA's own).
 3. Each LoRA compressed alone (``compress_lora``) at the rank whose eight adapters together hold about as many
    parameters as the joint compression at each rank: the separate fit of the same size.
 4. Every adapter of 1–3 scored on its task's test split (exact match), with its relative error and parameters.
@@ -48,6 +48,7 @@ class CompressionPart:
     ranks: tuple[int, ...]  # joint compression
     recover_ranks: tuple[int, ...]
     recover_steps: int
+    recover_rates: tuple[float | None, ...] = (None,)  # None: the LoRA's own rate
     claim: str = "compression"
 
 
@@ -59,7 +60,7 @@ def compression_part(quick: bool = False) -> CompressionPart:
                                recover_steps=1)
     return CompressionPart("compress-smollm2-skills", "smollm2", tasks, lora_rank=8, max_train=1200, max_eval=50,
                            max_length=128, batch_size=8, learning_rate=3e-3, ranks=(8, 16, 32, 64),
-                           recover_ranks=(8, 16), recover_steps=50)
+                           recover_ranks=(8, 16), recover_steps=50, recover_rates=(None, 3e-2))
 
 
 def run_compression(part: CompressionPart, out: Path, quiet: bool, say) -> None:
@@ -80,20 +81,22 @@ def run_compression(part: CompressionPart, out: Path, quiet: bool, say) -> None:
                     "total_parameters": report.total_parameters, "lora_parameters": report.lora_parameters[task],
                     "fit_seconds": seconds,
                     "bytes_on_disk": _bytes(joint / f"rank-{rank}")})
-        if rank in part.recover_ranks:
+        for rate in part.recover_rates if rank in part.recover_ranks else ():
+            name = f"joint-r{rank}-recovered" + (f"-lr{rate:g}" if rate else "")
             for task in part.tasks:
-                record = folder / f"joint-r{rank}-recovered-{task}.json"
+                record = folder / f"{name}-{task}.json"
                 if record.is_file():
                     continue
-                recovered = runs / f"joint-r{rank}-recovered" / task
+                recovered = runs / name / task
                 shutil.rmtree(recovered, ignore_errors=True)
                 shutil.copytree(joint / f"rank-{rank}" / task, recovered)
-                done = recover_cores(recovered, part.recover_steps, quiet)
+                done = recover_cores(recovered, part.recover_steps, quiet, rate)
                 before = json.loads((folder / f"joint-r{rank}-{task}.json").read_text())
                 # The error is the fit's, before the cores trained again: kept apart, not shown as this row's.
                 kept = {k: v for k, v in before.items() if k not in ("metrics", "relative_error")}
+                kind = "joint, recovered" + (f" at {rate:g}" if rate else "")
                 _score(record, recovered, quiet, say, {**kept, "fit_relative_error": before["relative_error"],
-                                                        "kind": "joint, recovered", "recovered": done})
+                                                        "kind": kind, "recovered": done})
         separate = separate_rank(part, rank, loras)
         for task in part.tasks:
             record = folder / f"separate-r{separate}-{task}.json"
@@ -123,7 +126,8 @@ def separate_rank(part: CompressionPart, rank: int, loras: dict[str, Path]) -> i
 
 def _lora(part: CompressionPart, task: str, run: Path, folder: Path, quiet: bool, say) -> Path:
     """The task's trained LoRA run: trained and scored once; trained again where its record is kept but the run is
-    not (``.runs`` is not kept with the records), and then it must score as recorded."""
+    not (``.runs`` is not kept with the records), and then it must give as many exact answers on every task as
+    recorded (a retraining matches the first to about 1e-4 in loss, not bit for bit)."""
     record = folder / f"lora-{task}.json"
     if record.is_file() and (run / "metrics.json").is_file():
         return run
@@ -134,15 +138,19 @@ def _lora(part: CompressionPart, task: str, run: Path, folder: Path, quiet: bool
     if not resuming:
         shutil.rmtree(run, ignore_errors=True)
     (trained,) = run_job(job, run, quiet, say, resuming=resuming)
-    recorded = json.loads(record.read_text()) if record.is_file() else None
-    _score(record, run, quiet, say, {"kind": "lora", "task": task, "rank": part.lora_rank,
-                                     "total_parameters": trained["trainable_parameters"]["adapter"],
-                                     "steps": trained["steps"], "train_seconds": trained["train_seconds"],
-                                     "bytes_on_disk": _bytes(run)})
-    if recorded is not None and json.loads(record.read_text())["metrics"] != recorded["metrics"]:
-        raise rs.RankshareError(f"the LoRA for {task} was trained again (its run was gone) and scores otherwise than "
-                                f"recorded, so the compressions recorded from it no longer hold: remove {folder} "
-                                "and run the part again")
+    if record.is_file():  # the record stays the first training's; the answers must be the same
+        recorded = json.loads(record.read_text())["metrics"]
+        scored = evaluate_run(run, None, quiet, splits=("test",))["metrics"]["test"]
+        if any(scored[t]["exact_match"] != recorded[t]["exact_match"] for t in recorded):
+            raise rs.RankshareError(f"the LoRA for {task} was trained again (its run was gone) and scores otherwise "
+                                    "than recorded, so the compressions recorded from it no longer hold: remove "
+                                    f"{folder} and run the part again")
+        say(f"{record.stem}: trained again, scores as recorded")
+    else:
+        _score(record, run, quiet, say, {"kind": "lora", "task": task, "rank": part.lora_rank,
+                                         "total_parameters": trained["trainable_parameters"]["adapter"],
+                                         "steps": trained["steps"], "train_seconds": trained["train_seconds"],
+                                         "bytes_on_disk": _bytes(run)})
     return run
 
 
@@ -163,7 +171,11 @@ def _bytes(folder: Path) -> int:
 
 # -- report ----------------------------------------------------------------------------------------------------
 
-KINDS = ("lora", "joint", "joint, recovered", "separate")
+KINDS = ("lora", "joint", "joint, recovered", "separate")  # in this order; "joint, recovered at RATE" after its kind
+
+
+def _order(kind: str) -> tuple[int, str]:
+    return KINDS.index(kind.split(" at ")[0]), kind
 
 
 def compression_rows(records: list[dict]) -> list[dict]:
@@ -173,8 +185,8 @@ def compression_rows(records: list[dict]) -> list[dict]:
     for record in records:
         groups.setdefault((record["kind"], record["rank"]), []).append(record)
     rows = []
-    for (kind, rank), group in sorted(groups.items(), key=lambda item: (KINDS.index(item[0][0]), item[0][1])):
-        if kind in ("joint", "joint, recovered"):
+    for (kind, rank), group in sorted(groups.items(), key=lambda item: (_order(item[0][0]), item[0][1])):
+        if kind.startswith("joint"):
             total, size = group[0]["total_parameters"], group[0]["bytes_on_disk"]
         else:  # one adapter per task
             total = sum(r["total_parameters"] for r in group)
@@ -195,6 +207,7 @@ def compression_section(folder: Path) -> tuple[str, object] | None:
     rows = compression_rows(records)
     tasks = sorted({task for row in rows for task in row["tasks"]})
     lora = next((row for row in rows if row["kind"] == "lora"), None)
+    kinds = sorted({row["kind"] for row in rows} | set(KINDS), key=_order)
     header = ["adapters", "rank", "parameters", "MiB on disk", *tasks, "average", "of the LoRAs'",
               "fit's mean rel. error"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
@@ -209,12 +222,12 @@ def compression_section(folder: Path) -> tuple[str, object] | None:
                                         f"{row['bytes'] / 2**20:.2f}",
                                         *(f"{100 * row['tasks'][t]:.0f}" if t in row["tasks"] else "—" for t in tasks),
                                         average, share,
-                                        "—" if row["kind"] in ("lora", "joint, recovered")
+                                        "—" if row["kind"] == "lora" or "recovered" in row["kind"]
                                         else f"{row['error']:.3f}"]) + " |")
     text = "\n".join(lines)
     if lora:
         keep = []
-        for kind in KINDS[1:]:
+        for kind in kinds[1:]:
             enough = [row for row in complete if row["kind"] == kind and row["average"] >= 0.95 * lora["average"]]
             best = min(enough, key=lambda row: row["parameters"], default=None)
             keep.append(f"- {kind}: " + (f"{best['parameters']:,} parameters (rank {best['rank']}), "
@@ -224,7 +237,7 @@ def compression_section(folder: Path) -> tuple[str, object] | None:
     figure = new_figure(7, 4.5)
     axes = figure.add_subplot()
     axes.set_xscale("log")
-    for i, kind in enumerate(KINDS[1:]):
+    for i, kind in enumerate(kinds[1:]):
         series = sorted((row["parameters"], 100 * row["average"]) for row in complete if row["kind"] == kind)
         if series:
             axes.plot(*zip(*series), marker="o", color=f"C{i}", label=kind)

@@ -266,8 +266,7 @@ def markdown(bench: dict) -> str:
            "The limit is the frozen model with gradients flowing back to the input embeddings and no weight "
            "gradients. Train memory = tensors saved for backward (weights excluded) + gradients + AdamW moments."]
           if bench["setups"] else []),
-        "## Targets",
-        "\n".join(targets(bench)),
+        *(["## Targets", "\n".join(met)] if (met := targets(bench)) else []),  # none where only serving ran
     ]
     for setup in bench["setups"]:
         parts += [f"## {setup['description']} — batch {setup['batch']} × {setup['length']} tokens", setup_table(setup)]

@@ -140,7 +140,7 @@ def _lora(part: CompressionPart, task: str, run: Path, folder: Path, quiet: bool
     (trained,) = run_job(job, run, quiet, say, resuming=resuming)
     if record.is_file():  # the record stays the first training's; the answers must be the same
         recorded = json.loads(record.read_text())["metrics"]
-        scored = evaluate_run(run, None, quiet, splits=("test",))["metrics"]["test"]
+        scored = _test_metrics(run, quiet)
         if any(scored[t]["exact_match"] != recorded[t]["exact_match"] for t in recorded):
             raise rs.RankshareError(f"the LoRA for {task} was trained again (its run was gone) and scores otherwise "
                                     "than recorded, so the compressions recorded from it no longer hold: remove "
@@ -157,10 +157,15 @@ def _lora(part: CompressionPart, task: str, run: Path, folder: Path, quiet: bool
 def _score(record: Path, run: Path, quiet: bool, say, fields: dict) -> None:
     """Score the run in ``run`` on its task's test split and write ``fields`` with the scores to ``record``."""
     started = time.perf_counter()
-    metrics = evaluate_run(run, None, quiet, splits=("test",))["metrics"]["test"]
+    metrics = _test_metrics(run, quiet)
     write_json(record, {**fields, "exact_match": metrics["average"]["exact_match"], "metrics": metrics,
                         "eval_seconds": time.perf_counter() - started})
     say(f"{record.stem}: exact match {metrics['average']['exact_match']:.3f}")
+
+
+def _test_metrics(run: Path, quiet: bool) -> dict:
+    """The run's scores on its task's test split, per task and on average."""
+    return evaluate_run(run, None, quiet, splits=("test",))["metrics"]["test"]
 
 
 def _bytes(folder: Path) -> int:

@@ -34,6 +34,7 @@ from rankshare.study.report import (
     collapsed,
     comparison_section,
     equal_accuracy_note,
+    forgetting_section,
     layer_distances,
     paired_difference,
     precision_note,
@@ -185,6 +186,30 @@ def test_paired_difference_is_students_t_over_seeds():
     assert result["seeds"] == 3 and result["mean"] == pytest.approx(0.02)
     assert (result["low"], result["high"]) == pytest.approx((0.02 - half, 0.02 + half), rel=1e-5)
     assert paired_difference(other[:1], lora)["seeds"] == 1
+
+
+def test_forgetting_is_paired_by_seed_with_the_lora_nearest_in_parameters():
+    def run(variant, rank, count, seed, score, change):
+        return {"variant": variant, "rank": rank, "seed": seed, "trainable_parameters": {"adapter": count},
+                "metrics": {"test": {"average": {"exact_match": score}}},
+                "forgetting": {"base_loss": 3.7, "change": change}}
+
+    part = Part("p", "multi-task", "m", "skills", 0, 0, 0, 8, (), (0, 1), forgetting=64,
+                variants=[Variant("lora", "LoRA", "lora", ranks=(12, 16)), Variant("mor", "MoR", "mor", ranks=(8, 12))])
+    runs = {"lora": [run("lora", 12, 691_200, 0, 0.46, 0.11), run("lora", 12, 691_200, 1, 0.45, 0.12),
+                     run("lora", 16, 921_600, 0, 0.50, 0.13), run("lora", 16, 921_600, 1, 0.51, 0.14)],
+            "mor": [run("mor", 8, 693_120, 1, 0.44, 0.09), run("mor", 8, 693_120, 0, 0.46, 0.08),
+                    run("mor", 12, 924_480, 0, 0.48, 0.10), run("mor", 12, 924_480, 1, 0.49, 0.12)]}
+    table, _ = forgetting_section([(part, runs)])
+    rows = {tuple(cells[1:4]): cells for cells in (line.split(" | ") for line in table.splitlines()[2:])}
+    half = 12.706205  # t(0.975, 1 degree of freedom) × stdev / sqrt(2), with stdev = |d0 - d1| / sqrt(2)
+    # MoR r=8 (693,120) pairs with LoRA r=12 (691,200): loss -0.03 and -0.03, score 0.0 and -0.01 points.
+    assert rows[("MoR", "8", "693,120")][7:10] == ["r=12", "-0.030 [-0.030, -0.030]",
+                                                  f"-0.5 [{-0.5 - half * 0.5:+.1f}, {-0.5 + half * 0.5:+.1f}]"]
+    # MoR r=12 (924,480) pairs with LoRA r=16 (921,600): loss -0.03 and -0.02.
+    assert rows[("MoR", "12", "924,480")][7:9] == ["r=16", f"-0.025 [{-0.025 - half * 0.005:+.3f}, "
+                                                           f"{-0.025 + half * 0.005:+.3f}]"]
+    assert rows[("LoRA", "12", "691,200")][7:10] == ["—", "—", "—"]
 
 
 def test_run_times_come_from_the_runs_that_had_the_machine_to_themselves():

@@ -299,15 +299,14 @@ def accuracy(record: dict, split: str = "test", task: str = "average") -> float:
     return scores["accuracy"] if "accuracy" in scores else scores["exact_match"]
 
 
-def paired_difference(runs: list[dict], baseline: list[dict], task: str = "average") -> dict | None:
-    """Mean of the per-seed differences ``runs - baseline`` in test accuracy, with a two-sided 95 % confidence
-    interval from Student's t over the seeds both have (runs with one seed are paired by it: the same split, batch
-    order and head initialisation)."""
+def paired_difference(runs: list[dict], baseline: list[dict], value=accuracy) -> dict | None:
+    """Mean of the per-seed differences ``runs - baseline`` in ``value`` (test accuracy unless given), with a
+    two-sided 95 % confidence interval from Student's t over the seeds both have (runs with one seed are paired by
+    it: the same split, batch order and head initialisation)."""
     from scipy.stats import t
 
     by_seed = {r["seed"]: r for r in baseline}
-    differences = [accuracy(r, task=task) - accuracy(by_seed[r["seed"]], task=task) for r in runs
-                   if r["seed"] in by_seed]
+    differences = [value(r) - value(by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
     if not differences:
         return None
     mean = statistics.fmean(differences)
@@ -317,12 +316,14 @@ def paired_difference(runs: list[dict], baseline: list[dict], task: str = "avera
     return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(differences)}
 
 
-def _ci(difference: dict | None) -> str:
+def _ci(difference: dict | None, scale: float = 100, digits: int = 1) -> str:
+    """A paired difference as "mean [low, high]", in points unless ``scale`` says otherwise."""
     if difference is None:
         return "—"
+    mean, low, high = (scale * difference[k] for k in ("mean", "low", "high"))
     if difference["seeds"] < 2:
-        return f"{100 * difference['mean']:+.1f} (one seed)"
-    return f"{100 * difference['mean']:+.1f} [{100 * difference['low']:+.1f}, {100 * difference['high']:+.1f}]"
+        return f"{mean:+.{digits}f} (one seed)"
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
 def precision_note(test_examples: int, differences: list[dict | None]) -> str:
@@ -537,22 +538,41 @@ def comparison_figure(part: Part, runs: dict[str, list[dict]], score: str):
     return figure
 
 
+def forgetting_change(record: dict) -> float:
+    return record["forgetting"]["change"]
+
+
+def nearest_lora(count: int, loras: list[tuple[int, list[dict]]]) -> tuple[int, list[dict]] | None:
+    """The LoRA group (rank, runs) of the same part whose parameter count is nearest ``count`` by ratio."""
+    size = lambda group: group[1][0]["trainable_parameters"]["adapter"]  # noqa: E731
+    return min(loras, key=lambda group: abs(math.log(count / size(group))), default=None)
+
+
 def forgetting_section(parts: list[tuple[Part, dict[str, list[dict]]]]) -> tuple[str, object] | None:
-    """Part 5: every SmolLM2 run's change in held-out language-modelling loss, next to its task score."""
+    """Part 5: every SmolLM2 run's change in held-out language-modelling loss, next to its task score, and both
+    paired by seed against the part's LoRA nearest in parameters."""
     rows, series = [], []
     for part, runs in parts:
+        loras = [(rank, group) for v in part.variants if v.method == "lora"
+                 for rank, group in by_rank([r for r in runs[v.name] if "forgetting" in r])]
         for variant in part.variants:
             measured = [run for run in runs[variant.name] if "forgetting" in run and variant.method != "zero-shot"]
             for rank, group in by_rank(measured):
-                change = mean_std([r["forgetting"]["change"] for r in group])
-                rows.append([part.name, variant.label, str(rank), f"{group[0]['trainable_parameters']['adapter']:,}",
+                count = group[0]["trainable_parameters"]["adapter"]
+                change = mean_std(list(map(forgetting_change, group)))
+                lora = None if variant.method == "lora" else nearest_lora(count, loras)
+                rows.append([part.name, variant.label, str(rank), f"{count:,}",
                              f"{group[0]['forgetting']['base_loss']:.3f}", f"{change[0]:+.3f} ± {change[1]:.3f}",
-                             _pm(mean_std([accuracy(r) for r in group])), str(len(group))])
+                             _pm(mean_std([accuracy(r) for r in group])),
+                             f"r={lora[0]}" if lora else "—",
+                             _ci(lora and paired_difference(group, lora[1], forgetting_change), scale=1, digits=3),
+                             _ci(lora and paired_difference(group, lora[1])), str(len(group))])
                 series.append((part.name, variant.label, group))
     if not rows:
         return None
     table = _table(["part", "variant", "rank", "trainable params", "base loss", "Δ held-out loss (nats)",
-                    "test score %", "seeds"], rows)
+                    "test score %", "paired with LoRA (nearest count)", "Δ loss vs that LoRA [95 % CI]",
+                    "Δ score vs that LoRA, points [95 % CI]", "seeds"], rows)
     figure = new_figure(7, 4.5)
     axes = figure.add_subplot()
     for i, (part_name, label, group) in enumerate(series):
@@ -680,7 +700,7 @@ def write_summary(out: Path) -> Path:
         times.append([part.name, str(len(records) + len(searched)), f"{minutes:.1f}", ", ".join(map(str, counts))])
     forgetting = forgetting_section(generative)
     if forgetting:
-        table, figure = forgetting_section(generative)
+        table, figure = forgetting
         png = io.BytesIO()
         figure.savefig(png, format="png", dpi=110)
         replace_file(out / "forgetting.png", png.getvalue())

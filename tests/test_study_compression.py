@@ -90,6 +90,8 @@ def test_a_lora_whose_run_is_gone_is_trained_again_and_must_score_as_recorded(st
     (copy / part.name / "lora-sort.json").write_text(json.dumps(tampered))
     with pytest.raises(rs.RankshareError, match="the LoRA for sort was trained again"):
         run_compression(part, copy, quiet=True, say=lambda text: None)
+    assert not _runs(copy, part)["sort"].exists()  # moved aside: a rerun trains it again and stops again
+    assert (copy / ".runs" / part.name / "lora-sort-mismatched" / "metrics.json").is_file()
 
 
 def _runs(out, part):

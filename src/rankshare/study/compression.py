@@ -142,9 +142,12 @@ def _lora(part: CompressionPart, task: str, run: Path, folder: Path, quiet: bool
         recorded = json.loads(record.read_text())["metrics"]
         scored = _test_metrics(run, quiet)
         if any(scored[t]["exact_match"] != recorded[t]["exact_match"] for t in recorded):
+            apart = run.with_name(f"{run.name}-mismatched")  # moved aside, so that no later run builds on it
+            shutil.rmtree(apart, ignore_errors=True)
+            run.rename(apart)
             raise rs.RankshareError(f"the LoRA for {task} was trained again (its run was gone) and scores otherwise "
                                     "than recorded, so the compressions recorded from it no longer hold: remove "
-                                    f"{folder} and run the part again")
+                                    f"{folder} and run the part again (the new run is kept in {apart})")
         say(f"{record.stem}: trained again, scores as recorded")
     else:
         _score(record, run, quiet, say, {"kind": "lora", "task": task, "rank": part.lora_rank,

@@ -94,5 +94,17 @@ def test_a_lora_whose_run_is_gone_is_trained_again_and_must_score_as_recorded(st
     assert (copy / ".runs" / part.name / "lora-sort-mismatched" / "metrics.json").is_file()
 
 
+def test_a_recovery_whose_joint_run_is_gone_fits_that_rank_again_and_keeps_its_records(study, tmp_path):
+    part, out, records = study
+    copy = shutil.copytree(out, tmp_path / "out")
+    shutil.rmtree(copy / ".runs" / part.name / "joint-r2")
+    (copy / part.name / "joint-r2-recovered-add.json").unlink()
+    said = []
+    run_compression(part, copy, quiet=True, say=said.append)
+    assert [line.split(":")[0] for line in said] == ["joint-r2-recovered-add"]  # the fit alone is not scored again
+    assert json.loads((copy / part.name / "joint-r2-add.json").read_text()) == records["joint-r2-add"]
+    assert (copy / ".runs" / part.name / "joint-r2-recovered" / "add" / "adapter").is_dir()
+
+
 def _runs(out, part):
     return {task: out / ".runs" / part.name / f"lora-{task}" for task in part.tasks}

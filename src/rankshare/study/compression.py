@@ -4,11 +4,12 @@ one LoTR basis and each alone, scored on every task's test split.
 The steps, each kept once done (an interrupted run goes on where it stopped):
 
 1. One PEFT LoRA per task (``rankshare train --method lora --data skills:TASK``), the same steps and rate for each.
-2. The LoRAs compressed jointly (``compress --adapter TASK=RUN ...``) at each rank of ``ranks``; at the ranks of
-   ``recover_ranks`` also with ``--recover-steps``, at each rate of ``recover_rates`` (None: the LoRA's own).
+2. The LoRAs compressed jointly (``compress --adapter TASK=RUN ...``) at each rank of ``ranks``.
 3. Each LoRA compressed alone (``compress_lora``) at the rank whose eight adapters together hold about as many
    parameters as the joint compression at each rank: the separate fit of the same size.
-4. Every adapter of 1–3 scored on its task's test split (exact match), with its relative error and parameters.
+4. At the ranks of ``recover_ranks``, the joint compression with ``--recover-steps``, at each rate of
+   ``recover_rates`` (None: the LoRA's own).
+5. Every adapter of 1–4 scored on its task's test split (exact match), with its relative error and parameters.
 
 Records: ``<out>/<name>/*.json``, one per scored adapter; the trained and compressed runs live in ``<out>/.runs``.
 """
@@ -64,50 +65,75 @@ def compression_part(quick: bool = False) -> CompressionPart:
 
 
 def run_compression(part: CompressionPart, out: Path, quiet: bool, say) -> None:
+    """The part's steps in the order that answers its question soonest: the LoRAs, every joint rank, every separate
+    fit, then the recoveries."""
     folder, runs = out / part.name, out / RUNS / part.name
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "part.json", asdict(part))
     loras = {task: _lora(part, task, runs / f"lora-{task}", folder, quiet, say) for task in part.tasks}
     for rank in part.ranks:
-        joint = runs / f"joint-r{rank}"
         if not all((folder / f"joint-r{rank}-{task}.json").is_file() for task in part.tasks):
-            started = time.perf_counter()
-            (_, _, report), = compress_runs(list(loras.items()), [rank], joint, "by_name")
-            seconds = time.perf_counter() - started
-            for task in part.tasks:
-                _score(folder / f"joint-r{rank}-{task}.json", joint / f"rank-{rank}" / task, quiet, say, {
-                    "kind": "joint", "task": task, "rank": rank, "relative_error": report.task_errors[task],
-                    "task_parameters": report.task_parameters[task], "basis_parameters": report.basis_parameters,
-                    "total_parameters": report.total_parameters, "lora_parameters": report.lora_parameters[task],
-                    "fit_seconds": seconds,
-                    "bytes_on_disk": _bytes(joint / f"rank-{rank}")})
-        for rate in part.recover_rates if rank in part.recover_ranks else ():
-            name = f"joint-r{rank}-recovered" + (f"-lr{rate:g}" if rate else "")
-            for task in part.tasks:
-                record = folder / f"{name}-{task}.json"
-                if record.is_file():
-                    continue
-                recovered = runs / name / task
-                shutil.rmtree(recovered, ignore_errors=True)
-                shutil.copytree(joint / f"rank-{rank}" / task, recovered)
-                done = recover_cores(recovered, part.recover_steps, quiet, rate)
-                before = json.loads((folder / f"joint-r{rank}-{task}.json").read_text())
-                # The error is the fit's, before the cores trained again: kept apart, not shown as this row's.
-                kept = {k: v for k, v in before.items() if k not in ("metrics", "relative_error")}
-                kind = "joint, recovered" + (f" at {rate:g}" if rate else "")
-                _score(record, recovered, quiet, say, {**kept, "fit_relative_error": before["relative_error"],
-                                                        "kind": kind, "recovered": done})
-        separate = separate_rank(part, rank, loras)
-        for task in part.tasks:
-            record = folder / f"separate-r{separate}-{task}.json"
-            if record.is_file():
-                continue
-            target = runs / f"separate-r{separate}-{task}"
-            (_, _, report), = compress_runs([(task, loras[task])], [separate], target, "by_name")  # one task: k = 1
-            _score(record, target / f"rank-{separate}" / task, quiet, say, {
-                "kind": "separate", "task": task, "rank": separate, "matches_joint_rank": rank,
-                "relative_error": report.task_errors[task], "total_parameters": report.total_parameters,
-                "bytes_on_disk": _bytes(target)})
+            _joint(part, rank, loras, runs, folder, quiet, say)
+    for rank in part.ranks:
+        _separate(part, rank, loras, runs, folder, quiet, say)
+    for rank in part.recover_ranks:
+        for rate in part.recover_rates:
+            _recovered(part, rank, rate, loras, runs, folder, quiet, say)
+
+
+def _joint(part: CompressionPart, rank: int, loras: dict[str, Path], runs: Path, folder: Path | None, quiet: bool,
+           say) -> Path:
+    """The LoRAs compressed jointly at ``rank``, each task scored into ``folder`` (None: fitted only)."""
+    joint = runs / f"joint-r{rank}"
+    started = time.perf_counter()
+    (_, _, report), = compress_runs(list(loras.items()), [rank], joint, "by_name")
+    seconds = time.perf_counter() - started
+    for task in part.tasks if folder else ():
+        _score(folder / f"joint-r{rank}-{task}.json", joint / f"rank-{rank}" / task, quiet, say, {
+            "kind": "joint", "task": task, "rank": rank, "relative_error": report.task_errors[task],
+            "task_parameters": report.task_parameters[task], "basis_parameters": report.basis_parameters,
+            "total_parameters": report.total_parameters, "lora_parameters": report.lora_parameters[task],
+            "fit_seconds": seconds, "bytes_on_disk": _bytes(joint / f"rank-{rank}")})
+    return joint
+
+
+def _recovered(part: CompressionPart, rank: int, rate: float | None, loras: dict[str, Path], runs: Path,
+               folder: Path, quiet: bool, say) -> None:
+    """Each task's jointly fitted cores trained alone on the task (``--recover-steps``), then scored."""
+    name = f"joint-r{rank}-recovered" + (f"-lr{rate:g}" if rate else "")
+    joint = runs / f"joint-r{rank}"
+    for task in part.tasks:
+        record = folder / f"{name}-{task}.json"
+        if record.is_file():
+            continue
+        if not (joint / f"rank-{rank}" / task).is_dir():  # recorded, but the run is gone: the same fit again
+            _joint(part, rank, loras, runs, None, quiet, say)
+        recovered = runs / name / task
+        shutil.rmtree(recovered, ignore_errors=True)
+        shutil.copytree(joint / f"rank-{rank}" / task, recovered)
+        done = recover_cores(recovered, part.recover_steps, quiet, rate)
+        before = json.loads((folder / f"joint-r{rank}-{task}.json").read_text())
+        # The error is the fit's, before the cores trained again: kept apart, not shown as this row's.
+        kept = {k: v for k, v in before.items() if k not in ("metrics", "relative_error")}
+        kind = "joint, recovered" + (f" at {rate:g}" if rate else "")
+        _score(record, recovered, quiet, say, {**kept, "fit_relative_error": before["relative_error"],
+                                                "kind": kind, "recovered": done})
+
+
+def _separate(part: CompressionPart, rank: int, loras: dict[str, Path], runs: Path, folder: Path, quiet: bool,
+              say) -> None:
+    """Each LoRA compressed alone at the rank whose adapters together match the joint fit at ``rank``, scored."""
+    separate = separate_rank(part, rank, loras)
+    for task in part.tasks:
+        record = folder / f"separate-r{separate}-{task}.json"
+        if record.is_file():
+            continue
+        target = runs / f"separate-r{separate}-{task}"
+        (_, _, report), = compress_runs([(task, loras[task])], [separate], target, "by_name")  # one task: k = 1
+        _score(record, target / f"rank-{separate}" / task, quiet, say, {
+            "kind": "separate", "task": task, "rank": separate, "matches_joint_rank": rank,
+            "relative_error": report.task_errors[task], "total_parameters": report.total_parameters,
+            "bytes_on_disk": _bytes(target)})
 
 
 def separate_rank(part: CompressionPart, rank: int, loras: dict[str, Path]) -> int:

@@ -156,6 +156,12 @@ def test_the_quick_study_runs_every_part(tmp_path):
     assert "Not run yet" not in summary
     assert all(f"## {part.name}" in summary for part in quick_plan())
     assert "## Forgetting" in summary and (out / "forgetting.png").is_file()
+    pages = [tmp_path / "RESULTS.md", tmp_path / "README.md"]  # --redraw refreshes every page given
+    for page in pages:
+        page.write_text("<!-- summary: Forgetting: held-out news loss of every SmolLM2 run -->\n<!-- /summary -->\n")
+    assert main(["study", "--quick", "--redraw", "--out", str(out), *(f"--page={page}" for page in pages)]) == 0
+    assert all("| part | variant |" in page.read_text() and "(quick/forgetting.png)" in page.read_text()
+               for page in pages)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -367,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--parts", help="comma-separated part names to run (default: all)")
     study.add_argument("--out", type=Path, help="results folder (default: docs/results, or runs/study-quick)")
     study.add_argument("--redraw", action="store_true", help="only redraw summary.md and the plots from the records")
-    study.add_argument("--page", type=Path, help="also refresh the study's tables and plots in this hand-written page "
-                       "(its '<!-- summary: PART -->' ... '<!-- /summary -->' blocks), e.g. docs/RESULTS.md")
+    study.add_argument("--page", type=Path, action="append", default=[],
+                       help="also refresh the study's tables and plots in this hand-written page (its '<!-- summary: "
+                       "PART -->' ... '<!-- /summary -->' blocks), e.g. docs/RESULTS.md; may be given again")
     study.add_argument("--quiet", action="store_true")
     study.set_defaults(run=_run_study)
     return parser
@@ -395,8 +396,9 @@ def _run_study(args) -> None:
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         raise RankshareError(f"--parts: no part named {', '.join(unknown)}; the parts are {', '.join(names)}.")
-    if args.page and not args.page.is_file():
-        raise RankshareError(f"--page: {args.page} is not a file; give the markdown page whose blocks to refresh.")
+    for page in args.page:
+        if not page.is_file():
+            raise RankshareError(f"--page: {page} is not a file; give the markdown page whose blocks to refresh.")
     if not args.redraw:
         def say(text: str) -> None:
             print(text, file=sys.stderr)
@@ -410,9 +412,10 @@ def _run_study(args) -> None:
         raise RankshareError(f"--redraw: {out} holds no study (no plan.json); run the study first.")
     summary = write_summary(out)
     print(f"summary in {summary}", file=sys.stderr)
-    if args.page:
-        filled = fill_page(args.page, summary)
-        print(f"{args.page}: {len(filled)} blocks refreshed ({', '.join(filled) or 'none'})", file=sys.stderr)
+    for page in args.page:
+        filled = fill_page(page, summary)
+        blocks = f"{len(filled)} block{'' if len(filled) == 1 else 's'}"
+        print(f"{page}: {blocks} refreshed ({', '.join(filled) or 'none'})", file=sys.stderr)
 
 
 def _job_from_args(args):

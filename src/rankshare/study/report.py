@@ -544,8 +544,10 @@ def forgetting_change(record: dict) -> float:
 
 def nearest_lora(count: int, loras: list[tuple[int, list[dict]]]) -> tuple[int, list[dict]] | None:
     """The LoRA group (rank, runs) of the same part whose parameter count is nearest ``count`` by ratio."""
-    size = lambda group: group[1][0]["trainable_parameters"]["adapter"]  # noqa: E731
-    return min(loras, key=lambda group: abs(math.log(count / size(group))), default=None)
+    def distance(group: tuple[int, list[dict]]) -> float:
+        return abs(math.log(count / group[1][0]["trainable_parameters"]["adapter"]))
+
+    return min(loras, key=distance, default=None)
 
 
 def forgetting_section(parts: list[tuple[Part, dict[str, list[dict]]]]) -> tuple[str, object] | None:

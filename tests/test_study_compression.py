@@ -94,6 +94,19 @@ def test_a_lora_whose_run_is_gone_is_trained_again_and_must_score_as_recorded(st
     assert (copy / ".runs" / part.name / "lora-sort-mismatched" / "metrics.json").is_file()
 
 
+def test_a_retraining_stopped_before_its_check_is_checked_on_the_next_run(study, tmp_path):
+    part, out, records = study
+    copy = shutil.copytree(out, tmp_path / "out")
+    metrics = records["lora-add"]["metrics"]
+    tampered = {**records["lora-add"], "metrics": {**metrics, "add": {**metrics["add"], "exact_match": 2}}}
+    (copy / part.name / "lora-add.json").write_text(json.dumps(tampered))
+    run_compression(part, copy, quiet=True, say=lambda text: None)  # a run that was never retrained is not checked
+    _runs(copy, part)["add"].with_name("lora-add.unchecked").touch()  # retrained, then stopped before the check
+    with pytest.raises(rs.RankshareError, match="the LoRA for add was trained again"):
+        run_compression(part, copy, quiet=True, say=lambda text: None)
+    assert not _runs(copy, part)["add"].with_name("lora-add.unchecked").exists()
+
+
 def test_a_recovery_whose_joint_run_is_gone_fits_that_rank_again_and_keeps_its_records(study, tmp_path):
     part, out, records = study
     copy = shutil.copytree(out, tmp_path / "out")

@@ -153,34 +153,53 @@ def separate_rank(part: CompressionPart, rank: int, loras: dict[str, Path]) -> i
 def _lora(part: CompressionPart, task: str, run: Path, folder: Path, quiet: bool, say) -> Path:
     """The task's trained LoRA run: trained and scored once; trained again where its record is kept but the run is
     not (``.runs`` is not kept with the records), and then it must give as many exact answers on every task as
-    recorded (a retraining matches the first to about 1e-4 in loss, not bit for bit)."""
+    recorded (a retraining matches the first to about 1e-4 in loss, not bit for bit). A retraining is marked
+    unchecked until its check passes, so that a stop between the two cannot skip the check."""
     record = folder / f"lora-{task}.json"
-    if record.is_file() and (run / "metrics.json").is_file():
-        return run
-    settings = {"seed": 0, "lr": part.learning_rate, "batch_size": part.batch_size, "epochs": 1}
-    job = Job(methods=["lora"], model=part.model, data=f"skills:{task}", max_train=part.max_train,
-              max_eval=part.max_eval, max_length=part.max_length, rank=part.lora_rank, settings=settings)
-    resuming = (run / "command.json").is_file()  # an interrupted training goes on from its checkpoint
-    if not resuming:
-        shutil.rmtree(run, ignore_errors=True)
-    (trained,) = run_job(job, run, quiet, say, resuming=resuming)
-    if record.is_file():  # the record stays the first training's; the answers must be the same
-        recorded = json.loads(record.read_text())["metrics"]
-        scored = _test_metrics(run, quiet)
-        if any(scored[t]["exact_match"] != recorded[t]["exact_match"] for t in recorded):
-            apart = run.with_name(f"{run.name}-mismatched")  # moved aside, so that no later run builds on it
-            shutil.rmtree(apart, ignore_errors=True)
-            run.rename(apart)
-            raise rs.RankshareError(f"the LoRA for {task} was trained again (its run was gone) and scores otherwise "
-                                    "than recorded, so the compressions recorded from it no longer hold: remove "
-                                    f"{folder} and run the part again (the new run is kept in {apart})")
-        say(f"{record.stem}: trained again, scores as recorded")
-    else:
+    if not record.is_file():
+        trained = _train_lora(part, task, run, quiet, say)
         _score(record, run, quiet, say, {"kind": "lora", "task": task, "rank": part.lora_rank,
                                          "total_parameters": trained["trainable_parameters"]["adapter"],
                                          "steps": trained["steps"], "train_seconds": trained["train_seconds"],
                                          "bytes_on_disk": _bytes(run)})
+        return run
+    unchecked = run.with_name(f"{run.name}.unchecked")
+    if not (run / "metrics.json").is_file():
+        unchecked.touch()
+        _train_lora(part, task, run, quiet, say)
+    if unchecked.exists():
+        _check_as_recorded(record, run, unchecked, quiet, say)
     return run
+
+
+def _train_lora(part: CompressionPart, task: str, run: Path, quiet: bool, say) -> dict:
+    """Train the task's LoRA into ``run``; an interrupted training goes on from its checkpoint."""
+    settings = {"seed": 0, "lr": part.learning_rate, "batch_size": part.batch_size, "epochs": 1}
+    job = Job(methods=["lora"], model=part.model, data=f"skills:{task}", max_train=part.max_train,
+              max_eval=part.max_eval, max_length=part.max_length, rank=part.lora_rank, settings=settings)
+    resuming = (run / "command.json").is_file()
+    if not resuming:
+        shutil.rmtree(run, ignore_errors=True)
+    (trained,) = run_job(job, run, quiet, say, resuming=resuming)
+    return trained
+
+
+def _check_as_recorded(record: Path, run: Path, unchecked: Path, quiet: bool, say) -> None:
+    """The retrained run must score as the record (the first training's, kept) on every task, or it is moved aside
+    (so that no later step builds on it) and the part stops."""
+    recorded = json.loads(record.read_text())["metrics"]
+    scored = _test_metrics(run, quiet)
+    if any(scored[t]["exact_match"] != recorded[t]["exact_match"] for t in recorded):
+        apart = run.with_name(f"{run.name}-mismatched")
+        shutil.rmtree(apart, ignore_errors=True)
+        run.rename(apart)
+        unchecked.unlink()
+        task = record.stem.removeprefix("lora-")
+        raise rs.RankshareError(f"the LoRA for {task} was trained again (its run was gone) and scores otherwise "
+                                "than recorded, so the compressions recorded from it no longer hold: remove "
+                                f"{record.parent} and run the part again (the new run is kept in {apart})")
+    unchecked.unlink()
+    say(f"{record.stem}: trained again, scores as recorded")
 
 
 def _score(record: Path, run: Path, quiet: bool, say, fields: dict) -> None:

@@ -323,6 +323,31 @@ def test_a_lower_rank_is_approximate_and_its_error_never_grows_with_rank(tmp_pat
         assert all(later <= earlier + 1e-9 for earlier, later in zip(by_rank, by_rank[1:])), by_rank
 
 
+def test_by_module_gives_each_module_a_basis_that_only_the_tasks_share(tmp_path):
+    """Two random LoRAs of rank 2: a module's two updates span 4 directions, so one basis per module holds both
+    exactly at rank 4, where the basis shared across the 3 layers (which needs 2 x 3 x 2 = 12) cannot."""
+    loras = {task: peft_lora(LLAMA, tmp_path / task, rank=2, seed=seed) for seed, task in enumerate(("a", "b"), 1)}
+    folders = {task: tmp_path / task for task in loras}
+    model, report = rs.compress_loras(base_model(LLAMA), folders, rank=4, share="by_module")
+    shapes = {name: tuple(peft_update(layer).shape) for name, layer in lora_layers(loras["a"]).items()}
+    assert sorted(report.groups) == sorted(name.replace(".", "/") for name in shapes)
+    for task, lora in loras.items():
+        model.set_adapter(task)
+        assert_outputs_equal(model, lora, LLAMA)
+        assert report.task_errors[task] < 1e-6
+    assert report.basis_parameters == sum(4 * sum(shape) for shape in shapes.values())
+    assert report.task_parameters["a"] == len(shapes) * 4**2
+    _, by_name = rs.compress_loras(base_model(LLAMA), folders, rank=4)
+    assert all(by_name.task_errors[task] > 0.1 for task in loras)
+
+    model.save_pretrained(tmp_path / "basis", "basis")
+    model.save_pretrained(tmp_path / "b", "b")
+    loaded = rs.AdaptedModel.from_pretrained(base_model(LLAMA), tmp_path / "basis", adapter_name="basis")
+    loaded.load_adapter(tmp_path / "b", "b")
+    loaded.set_adapter("b")
+    assert_outputs_equal(loaded, loras["b"], LLAMA)
+
+
 def test_compress_lora_is_compress_loras_with_one_task(tmp_path):
     peft_lora(LLAMA, tmp_path / "only", rank=2)
     single, report = rs.compress_lora(base_model(LLAMA), tmp_path / "only", rank=3)

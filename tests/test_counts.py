@@ -84,6 +84,18 @@ def test_by_shape_shares_across_projection_types():
     assert sorted(by_name.shared["default"]) == ["model/layers/*/self_attn/k_proj", "model/layers/*/self_attn/v_proj"]
 
 
+def test_by_module_gives_every_module_its_own_factors():
+    """by_module: L = 1 per group, so each of LLaMA's 3 layers x (k_proj, v_proj), 16 x 32, holds
+    r (d_in + d_out) + r² = 2 · 48 + 4 parameters."""
+    from conftest import FAMILIES
+
+    config = rs.LotrConfig(rank=2, target_modules=["k_proj", "v_proj"], share="by_module")
+    model = rs.adapt(base_model(FAMILIES["llama"]), config)
+    assert sorted(model.shared["default"]) == [f"model/layers/{i}/self_attn/{p}" for i in range(3)
+                                               for p in ("k_proj", "v_proj")]
+    assert model.num_trainable_parameters() == 6 * (2 * 48 + 4)
+
+
 def test_print_trainable_parameters(capsys, family):
     model = rs.adapt(base_model(family), rs.MorConfig(rank=2, num_experts=2, target_modules=family.targets))
     model.print_trainable_parameters()

@@ -39,7 +39,7 @@ sizes = st.integers(1, LARGEST_SIZE)
 COMMON_FIELDS = {"rank": sizes, "alpha": st.one_of(st.none(), finite_alphas)}
 METHOD_FIELDS = {
     "lotr": {
-        "share": st.sampled_from(["by_name", "by_shape"]),
+        "share": st.sampled_from(["by_name", "by_shape", "by_module"]),
         "init": st.sampled_from(["random", "tucker"]),
         "freeze_factors": st.booleans(),
     },
@@ -94,7 +94,7 @@ VALID = {
     "num_experts": _is_size,
     "alpha": _is_finite_alpha,
     "target_modules": _is_valid_targets,
-    "share": lambda v: v in ("by_name", "by_shape"),
+    "share": lambda v: v in ("by_name", "by_shape", "by_module"),
     "init": lambda v: v in ("random", "tucker"),
     "freeze_factors": lambda v: isinstance(v, bool),
 }

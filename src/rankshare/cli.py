@@ -281,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--model", help="the base model of a PEFT folder: minilm, smollm2, or a model folder")
     compress.add_argument("--rank", type=_ranks, required=True,
                           help="the LoTR rank, or comma-separated ranks for the error-size curve (one folder each)")
-    compress.add_argument("--share", choices=("by_name", "by_shape"), default="by_name",
-                          help="LoTR groups (default: %(default)s)")
+    compress.add_argument("--share", choices=("by_name", "by_shape", "by_module"), default="by_name",
+                          help="one basis per projection across layers (by_name), per shape, or per module, shared "
+                          "only by the tasks (by_module) (default: %(default)s)")
     compress.add_argument("--recover-steps", type=_positive_int, help="several LoRA runs: then train each task's "
                           "cores alone for this many steps on its run's training data (the basis and heads frozen)")
     compress.add_argument("--recover-lr", type=_positive_float, help="the rate of --recover-steps (default: each "

@@ -38,7 +38,9 @@ class LotrConfig(AdapterConfig):
 
     share: ``"by_name"`` — one U, V per group of modules whose names agree once layer indices are masked
         (all ``layers.*.q_proj`` together, as in the paper); ``"by_shape"`` — one U, V for all targets of
-        one shape (e.g. query and value together, as in the authors' code).
+        one shape (e.g. query and value together, as in the authors' code); ``"by_module"`` — one U, V per
+        module (L = 1): nothing shared across layers, only across the adapters on one basis, as when many LoRAs
+        are compressed into one basis per layer.
     init: ``"random"`` (random orthonormal U, V) or ``"tucker"`` (U, V from the frozen weights).
     freeze_factors: train only the cores G_l.
     basis: the name of a LoTR adapter in the same model whose U and V this adapter uses, frozen; it trains
@@ -57,8 +59,8 @@ class LotrConfig(AdapterConfig):
     }
 
     share: str = field(default="by_name", metadata={
-        "choices": ("by_name", "by_shape"),
-        "help": "one U, V per projection type (by_name) or per shape (by_shape)"})
+        "choices": ("by_name", "by_shape", "by_module"),
+        "help": "one U, V per projection type (by_name), per shape (by_shape) or per module (by_module)"})
     init: str = field(default="random", metadata={"choices": ("random", "tucker"), "help": "init of U and V"})
     freeze_factors: bool = field(default=False, metadata={"help": "train the cores only"})
     # A name inside one model; the command line's --basis takes a trained run instead.

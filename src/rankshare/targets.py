@@ -92,10 +92,13 @@ def group_targets(shapes: dict[str, tuple[int, int]], share: str) -> dict[str, l
     ``"by_name"``: same masked name and same shape (key ``encoder/layer/*/attention/self/query``; a shape
     suffix ``@768x3072`` is added only where one masked name covers several shapes).
     ``"by_shape"``: same ``(d_out, d_in)`` (key ``768x768``).
+    ``"by_module"``: every target alone (key ``encoder/layer/0/attention/self/query``): a basis per module, which
+    only adapters on one basis (tasks) share.
     """
+    keys = {"by_name": masked_name, "by_shape": lambda name: "", "by_module": lambda name: name}[share]
     by_key: dict[tuple, list[str]] = {}
     for name, shape in shapes.items():
-        by_key.setdefault((masked_name(name) if share == "by_name" else "", tuple(shape)), []).append(name)
+        by_key.setdefault((keys(name), tuple(shape)), []).append(name)
     names_with_shapes: dict[str, int] = {}
     for masked, _ in by_key:
         names_with_shapes[masked] = names_with_shapes.get(masked, 0) + 1

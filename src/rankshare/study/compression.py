@@ -4,7 +4,9 @@ one LoTR basis and each alone, scored on every task's test split.
 The steps, each kept once done (an interrupted run goes on where it stopped):
 
 1. One PEFT LoRA per task (``rankshare train --method lora --data skills:TASK``), the same steps and rate for each.
-2. The LoRAs compressed jointly (``compress --adapter TASK=RUN ...``) at each rank of ``ranks``.
+2. The LoRAs compressed jointly (``compress --adapter TASK=RUN ...``) at each rank of ``ranks``: one basis per
+   projection, shared across layers and tasks; and at each rank of ``module_ranks`` with ``--share by_module``:
+   one basis per module (layer), shared by the tasks only.
 3. Each LoRA compressed alone (``compress_lora``) at the rank whose eight adapters together hold about as many
    parameters as the joint compression at each rank: the separate fit of the same size.
 4. At the ranks of ``recover_ranks``, the joint compression with ``--recover-steps``, at each rate of
@@ -50,6 +52,7 @@ class CompressionPart:
     recover_ranks: tuple[int, ...]
     recover_steps: int
     recover_rates: tuple[float | None, ...] = (None,)  # None: the LoRA's own rate
+    module_ranks: tuple[int, ...] = ()  # joint compression with a basis per module
     claim: str = "compression"
 
 
@@ -58,22 +61,24 @@ def compression_part(quick: bool = False) -> CompressionPart:
     if quick:
         return CompressionPart("compress-smollm2-skills", "smollm2", tasks[:1], lora_rank=2, max_train=4, max_eval=1,
                                max_length=128, batch_size=4, learning_rate=1e-2, ranks=(2,), recover_ranks=(2,),
-                               recover_steps=1)
+                               recover_steps=1, module_ranks=(2,))
     return CompressionPart("compress-smollm2-skills", "smollm2", tasks, lora_rank=8, max_train=1200, max_eval=50,
                            max_length=128, batch_size=8, learning_rate=3e-3, ranks=(8, 16, 32, 64),
-                           recover_ranks=(8, 16), recover_steps=50, recover_rates=(None, 3e-2))
+                           recover_ranks=(8, 16), recover_steps=50, recover_rates=(None, 3e-2),
+                           module_ranks=(4, 8, 16))
 
 
 def run_compression(part: CompressionPart, out: Path, quiet: bool, say) -> None:
-    """The part's steps in the order that answers its question soonest: the LoRAs, every joint rank, every separate
-    fit, then the recoveries."""
+    """The part's steps in the order that answers its question soonest: the LoRAs, every joint rank (a basis per
+    projection, then per module), every separate fit, then the recoveries."""
     folder, runs = out / part.name, out / RUNS / part.name
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "part.json", asdict(part))
     loras = {task: _lora(part, task, runs / f"lora-{task}", folder, quiet, say) for task in part.tasks}
-    for rank in part.ranks:
-        if not all((folder / f"joint-r{rank}-{task}.json").is_file() for task in part.tasks):
-            _joint(part, rank, loras, runs, folder, quiet, say)
+    for share, ranks in (("by_name", part.ranks), ("by_module", part.module_ranks)):
+        for rank in ranks:
+            if not all((folder / f"{_joint_name(rank, share)}-{task}.json").is_file() for task in part.tasks):
+                _joint(part, rank, loras, runs, folder, quiet, say, share)
     for rank in part.ranks:
         _separate(part, rank, loras, runs, folder, quiet, say)
     for rank in part.recover_ranks:
@@ -81,16 +86,22 @@ def run_compression(part: CompressionPart, out: Path, quiet: bool, say) -> None:
             _recovered(part, rank, rate, loras, runs, folder, quiet, say)
 
 
+def _joint_name(rank: int, share: str) -> str:
+    return f"joint-r{rank}" if share == "by_name" else f"joint-by-module-r{rank}"
+
+
 def _joint(part: CompressionPart, rank: int, loras: dict[str, Path], runs: Path, folder: Path | None, quiet: bool,
-           say) -> Path:
+           say, share: str = "by_name") -> Path:
     """The LoRAs compressed jointly at ``rank``, each task scored into ``folder`` (None: fitted only)."""
-    joint = runs / f"joint-r{rank}"
+    name = _joint_name(rank, share)
+    joint = runs / name
     started = time.perf_counter()
-    (_, _, report), = compress_runs(list(loras.items()), [rank], joint, "by_name")
+    (_, _, report), = compress_runs(list(loras.items()), [rank], joint, share)
     seconds = time.perf_counter() - started
     for task in part.tasks if folder else ():
-        _score(folder / f"joint-r{rank}-{task}.json", joint / f"rank-{rank}" / task, quiet, say, {
-            "kind": "joint", "task": task, "rank": rank, "relative_error": report.task_errors[task],
+        _score(folder / f"{name}-{task}.json", joint / f"rank-{rank}" / task, quiet, say, {
+            "kind": "joint" if share == "by_name" else JOINT_BY_MODULE, "task": task, "rank": rank,
+            "relative_error": report.task_errors[task],
             "task_parameters": report.task_parameters[task], "basis_parameters": report.basis_parameters,
             "total_parameters": report.total_parameters, "lora_parameters": report.lora_parameters[task],
             "fit_seconds": seconds, "bytes_on_disk": _bytes(joint / f"rank-{rank}")})
@@ -224,7 +235,9 @@ def _bytes(folder: Path) -> int:
 
 # -- report ----------------------------------------------------------------------------------------------------
 
-KINDS = ("lora", "joint", "joint, recovered", "separate")  # in this order; "joint, recovered at RATE" after its kind
+JOINT_BY_MODULE = "joint, a basis per module"
+KINDS = ("lora", "joint", "joint, recovered", JOINT_BY_MODULE, "separate")  # in this order; "joint, recovered at
+# RATE" after its kind
 
 
 def _order(kind: str) -> tuple[int, str]:

@@ -14,6 +14,7 @@ from rankshare.bench.report import markdown
 from rankshare.bench.setups import causal_setup, ours, peft_lora, synthetic_setup
 from rankshare.bench.sft import RELATIVE_UPDATE, adapter_updates, generate_tokens, randomise_updates
 from rankshare.errors import RankshareError
+from rankshare.targets import group_targets
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +216,13 @@ def test_serving_section_times_the_four_ways_and_counts_the_adapters(tiny_llama,
     assert served["tasks"] == 8 and served["prompts"] == 8 and len(served["tokens_per_second"]) == 4
     # (b): 8 LoRAs of rank 8 on q (32 x 32) and v (16 x 32) in 2 layers, float32.
     assert served["adapter_bytes"]["(b)"] == 4 * 8 * 2 * 8 * ((32 + 32) + (16 + 32))
+    # (a): one basis, r (d_in + d_out) per group, and r x r cores on each of the 4 modules for the 8 tasks and for
+    # the basis adapter itself (zero, but held).
+    shapes = {f"model.layers.{i}.self_attn.{p}": s for i in range(2) for p, s in (("q_proj", (32, 32)),
+                                                                                ("v_proj", (16, 32)))}
+    r = served["rank"]
+    basis = sum(r * sum(shapes[names[0]]) for names in group_targets(shapes, served["share"]).values())
+    assert served["adapter_bytes"]["(a)"] == 4 * (basis + 9 * 4 * r * r)
     assert served["ratios"]["memory_a_over_b"] == served["adapter_bytes"]["(a)"] / served["adapter_bytes"]["(b)"]
     assert all(speed > 0 for speed in served["tokens_per_second"].values())
     text = (tmp_path / "serving" / "bench.md").read_text()

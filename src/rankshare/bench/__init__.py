@@ -43,9 +43,9 @@ from .sft import NEW_TOKENS, instruction_tuning
 
 RANK, NUM_EXPERTS = 8, 8
 SECTIONS = ("models", "sft", "serving")
-# Serving: the rank the k compressed LoRAs share (to be set to the rank that keeps 95 % of the skills LoRAs' exact
-# match once measured; 16 until then).
-SERVING_RANK = 16
+# Serving: the rank and groups of the k compressed LoRAs' basis (to be set to the fewest parameters that keep 95 % of
+# the skills LoRAs' exact match once measured; rank 16 by name until then).
+SERVING_RANK, SERVING_SHARE = 16, "by_name"
 SFT_EXAMPLES, SFT_LENGTH = 8, 128  # one skills example per task, prompt + response within 128 tokens
 
 
@@ -128,7 +128,7 @@ def run_bench(out: Path, full: bool, repeats: int, warmup: int = 2, say=print, q
         if "serving" in sections:
             options = {key: value for key, value in (sft_options or {}).items() if key == "new_tokens"}
             served = serving(causal_setup(sft_model, batch=SFT_EXAMPLES, length=SFT_LENGTH), SERVING_RANK, repeats,
-                             warmup, say=say, **options)
+                             warmup, say=say, share=SERVING_SHARE, **options)
             bar.update()
     bench = {
         "mode": "full" if full else "quick",

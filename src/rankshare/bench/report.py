@@ -225,6 +225,10 @@ def scaling_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SHARES = {"by_name": "one basis per projection across layers and tasks",
+          "by_module": "one basis per module (layer), shared by the tasks"}
+
+
 def serving_section(served: dict) -> str:
     """Tokens per second of the four ways to serve k tasks, the adapters' memory, and the targets' verdicts."""
     base = served["tokens_per_second"]["(b) PEFT LoRAs, PEFT mixed batch"]
@@ -243,7 +247,7 @@ def serving_section(served: dict) -> str:
     ]
     intro = (f"{served['prompts']} prompts, one per task, {served['new_tokens']} tokens each, greedy; the "
              f"{served['tasks']} LoRAs are r = {served['lora_rank']} on q and v, compressed jointly at rank "
-             f"{served['rank']}.")
+             f"{served['rank']}, {SHARES[served.get('share', 'by_name')]}.")
     return "\n".join([intro, "", *rows, "", *verdicts])
 
 

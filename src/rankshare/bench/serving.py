@@ -3,7 +3,8 @@
 One prompt batch of the skills set, one row per task (k = 8), each row answered by its own task's adapter with
 greedy generation of ``new_tokens`` tokens (KV cache on, end tokens held back until then):
 
-- (a) the k LoRAs compressed jointly (``rs.compress_loras``, rank ``rank``), in rankshare's mixed batch;
+- (a) the k LoRAs compressed jointly (``rs.compress_loras``, rank ``rank``, groups ``share``), in rankshare's mixed
+  batch;
 - (b) the k PEFT LoRAs (r = 8 on q and v) in PEFT's own mixed batch (``adapter_names``);
 - (c) one LoRA merged into the weights: the ceiling for any adapter;
 - (d) the base model.
@@ -31,7 +32,8 @@ from .sft import NEW_TOKENS, generate_tokens, randomise_updates, skills_batch
 LORA_RANK = 8
 
 
-def serving(setup: Setup, rank: int, repeats: int, warmup: int, new_tokens: int = NEW_TOKENS, say=print) -> dict:
+def serving(setup: Setup, rank: int, repeats: int, warmup: int, new_tokens: int = NEW_TOKENS, say=print,
+            share: str = "by_name") -> dict:
     import peft
 
     objective, examples = skills_batch(setup)  # one example of each task, in turn
@@ -46,7 +48,7 @@ def serving(setup: Setup, rank: int, repeats: int, warmup: int, new_tokens: int 
     with tempfile.TemporaryDirectory() as folder:
         loras.save_pretrained(folder)  # each adapter in folder/<name>
         compressed, report = rs.compress_loras(weight_sharing_copy(setup.model),
-                                               {task: Path(folder) / task for task in tasks}, rank)
+                                               {task: Path(folder) / task for task in tasks}, rank, share)
         # Merging writes into the weights: the ceiling gets a copy of its own.
         merged = peft.PeftModel.from_pretrained(copy.deepcopy(setup.model), Path(folder) / tasks[0])
         merged = merged.merge_and_unload().eval()
@@ -68,7 +70,7 @@ def serving(setup: Setup, rank: int, repeats: int, warmup: int, new_tokens: int 
     (a, b, c, d) = (speed[name] for name in models)
     return {
         "name": setup.name, "description": setup.description, "tasks": len(tasks), "lora_rank": LORA_RANK,
-        "rank": rank, "new_tokens": new_tokens, "prompts": len(examples),
+        "rank": rank, "share": share, "new_tokens": new_tokens, "prompts": len(examples),
         "times": times, "tokens_per_second": speed,
         "adapter_bytes": memory,
         "parameters": {"compressed": report.total_parameters, "loras": sum(report.lora_parameters.values())},

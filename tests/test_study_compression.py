@@ -17,7 +17,8 @@ def study(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("compression")
     part = CompressionPart("compress-tiny", str(tiny_llama), ("add", "sort"), lora_rank=2, max_train=8, max_eval=2,
                            max_length=64, batch_size=4, learning_rate=1e-2, ranks=(2, 8), recover_ranks=(2,),
-                           recover_steps=2, recover_rates=(None, 0.05), module_ranks=(4,))
+                           recover_steps=2, recover_rates=(None, 0.05), module_ranks=(4,),
+                           module_recover_ranks=(4,))
     run_compression(part, out, quiet=True, say=lambda text: None)
     records = {p.stem: json.loads(p.read_text()) for p in (out / part.name).glob("*.json") if p.name != "part.json"}
     return part, out, records
@@ -27,7 +28,9 @@ def test_every_adapter_is_trained_compressed_and_scored(study):
     part, out, records = study
     kinds = sorted({(r["kind"], r["rank"]) for r in records.values()})
     # q_proj 32 x 32 and v_proj 16 x 32 in 2 layers: the separate rank whose two adapters match the joint's size
-    assert kinds == [("joint", 2), ("joint", 8), ("joint, a basis per module", 4), ("joint, recovered", 2),
+    assert kinds == [("joint", 2), ("joint", 8), ("joint, a basis per module", 4),
+                     ("joint, a basis per module, recovered", 4), ("joint, a basis per module, recovered at 0.05", 4),
+                     ("joint, recovered", 2),
                      ("joint, recovered at 0.05", 2), ("lora", 2),
                      ("separate", separate_rank(part, 2, _runs(out, part))),
                      ("separate", separate_rank(part, 8, _runs(out, part)))]
@@ -42,6 +45,7 @@ def test_every_adapter_is_trained_compressed_and_scored(study):
         assert records[f"joint-r2-recovered-{task}"]["recovered"]["steps"] == 2
         assert records[f"joint-r2-recovered-{task}"]["recovered"]["learning_rate"] == part.learning_rate
         assert records[f"joint-r2-recovered-lr0.05-{task}"]["recovered"]["learning_rate"] == 0.05
+        assert records[f"joint-by-module-r4-recovered-{task}"]["recovered"]["steps"] == 2
 
 
 def test_the_separate_rank_matches_the_joint_size_by_hand(study):

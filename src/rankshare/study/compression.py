@@ -9,8 +9,8 @@ The steps, each kept once done (an interrupted run goes on where it stopped):
    one basis per module (layer), shared by the tasks only.
 3. Each LoRA compressed alone (``compress_lora``) at the rank whose eight adapters together hold about as many
    parameters as the joint compression at each rank: the separate fit of the same size.
-4. At the ranks of ``recover_ranks``, the joint compression with ``--recover-steps``, at each rate of
-   ``recover_rates`` (None: the LoRA's own).
+4. At the ranks of ``module_recover_ranks`` and ``recover_ranks``, the joint compression (a basis per module, per
+   projection) with ``--recover-steps``, at each rate of ``recover_rates`` (None: the LoRA's own).
 5. Every adapter of 1–4 scored on its task's test split (exact match), with its relative error and parameters.
 
 Records: ``<out>/<name>/*.json``, one per scored adapter; the trained and compressed runs live in ``<out>/.runs``.
@@ -53,6 +53,7 @@ class CompressionPart:
     recover_steps: int
     recover_rates: tuple[float | None, ...] = (None,)  # None: the LoRA's own rate
     module_ranks: tuple[int, ...] = ()  # joint compression with a basis per module
+    module_recover_ranks: tuple[int, ...] = ()
     claim: str = "compression"
 
 
@@ -65,7 +66,7 @@ def compression_part(quick: bool = False) -> CompressionPart:
     return CompressionPart("compress-smollm2-skills", "smollm2", tasks, lora_rank=8, max_train=1200, max_eval=50,
                            max_length=128, batch_size=8, learning_rate=3e-3, ranks=(8, 16, 32, 64),
                            recover_ranks=(8, 16), recover_steps=50, recover_rates=(None, 3e-2),
-                           module_ranks=(4, 8, 16))
+                           module_ranks=(4, 8, 16), module_recover_ranks=(4,))
 
 
 def run_compression(part: CompressionPart, out: Path, quiet: bool, say) -> None:
@@ -81,9 +82,10 @@ def run_compression(part: CompressionPart, out: Path, quiet: bool, say) -> None:
                 _joint(part, rank, loras, runs, folder, quiet, say, share)
     for rank in part.ranks:
         _separate(part, rank, loras, runs, folder, quiet, say)
-    for rank in part.recover_ranks:
-        for rate in part.recover_rates:
-            _recovered(part, rank, rate, loras, runs, folder, quiet, say)
+    for share, ranks in (("by_module", part.module_recover_ranks), ("by_name", part.recover_ranks)):
+        for rank in ranks:
+            for rate in part.recover_rates:
+                _recovered(part, rank, rate, loras, runs, folder, quiet, say, share)
 
 
 def _joint_name(rank: int, share: str) -> str:
@@ -109,24 +111,25 @@ def _joint(part: CompressionPart, rank: int, loras: dict[str, Path], runs: Path,
 
 
 def _recovered(part: CompressionPart, rank: int, rate: float | None, loras: dict[str, Path], runs: Path,
-               folder: Path, quiet: bool, say) -> None:
+               folder: Path, quiet: bool, say, share: str = "by_name") -> None:
     """Each task's jointly fitted cores trained alone on the task (``--recover-steps``), then scored."""
-    name = f"joint-r{rank}-recovered" + (f"-lr{rate:g}" if rate else "")
-    joint = runs / f"joint-r{rank}"
+    fitted = _joint_name(rank, share)
+    name = f"{fitted}-recovered" + (f"-lr{rate:g}" if rate else "")
+    joint = runs / fitted
     for task in part.tasks:
         record = folder / f"{name}-{task}.json"
         if record.is_file():
             continue
         if not (joint / f"rank-{rank}" / task).is_dir():  # recorded, but the run is gone: the same fit again
-            _joint(part, rank, loras, runs, None, quiet, say)
+            _joint(part, rank, loras, runs, None, quiet, say, share)
         recovered = runs / name / task
         shutil.rmtree(recovered, ignore_errors=True)
         shutil.copytree(joint / f"rank-{rank}" / task, recovered)
         done = recover_cores(recovered, part.recover_steps, quiet, rate)
-        before = json.loads((folder / f"joint-r{rank}-{task}.json").read_text())
+        before = json.loads((folder / f"{fitted}-{task}.json").read_text())
         # The error is the fit's, before the cores trained again: kept apart, not shown as this row's.
         kept = {k: v for k, v in before.items() if k not in ("metrics", "relative_error")}
-        kind = "joint, recovered" + (f" at {rate:g}" if rate else "")
+        kind = ("joint" if share == "by_name" else JOINT_BY_MODULE) + ", recovered" + (f" at {rate:g}" if rate else "")
         _score(record, recovered, quiet, say, {**kept, "fit_relative_error": before["relative_error"],
                                                 "kind": kind, "recovered": done})
 
@@ -236,8 +239,8 @@ def _bytes(folder: Path) -> int:
 # -- report ----------------------------------------------------------------------------------------------------
 
 JOINT_BY_MODULE = "joint, a basis per module"
-KINDS = ("lora", "joint", "joint, recovered", JOINT_BY_MODULE, "separate")  # in this order; "joint, recovered at
-# RATE" after its kind
+# In this order; "KIND, recovered at RATE" after its kind.
+KINDS = ("lora", "joint", "joint, recovered", JOINT_BY_MODULE, f"{JOINT_BY_MODULE}, recovered", "separate")
 
 
 def _order(kind: str) -> tuple[int, str]:

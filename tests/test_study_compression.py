@@ -78,7 +78,8 @@ def test_a_set_scored_on_only_some_tasks_says_so_and_answers_nothing(study, tmp_
         (folder / f"{name}.json").write_text(json.dumps(record))
     text, _ = compression_section(folder)
     assert "| joint, recovered | 2 |" in text and "96.0 (1 of 2 tasks)" in text
-    assert "- joint, recovered: no rank measured keeps 95 %" in text
+    assert "- joint, recovered: not measured on every task yet" in text
+    assert "- joint, recovered at 0.05: no rank measured keeps 95 %" in text
 
 
 def test_a_lora_whose_run_is_gone_is_trained_again_and_must_score_as_recorded(study, tmp_path):

@@ -297,11 +297,13 @@ def compression_section(folder: Path) -> tuple[str, object] | None:
     if lora:
         keep = []
         for kind in kinds[1:]:
-            enough = [row for row in complete if row["kind"] == kind and row["average"] >= 0.95 * lora["average"]]
+            measured = [row for row in complete if row["kind"] == kind]
+            enough = [row for row in measured if row["average"] >= 0.95 * lora["average"]]
             best = min(enough, key=lambda row: row["parameters"], default=None)
             keep.append(f"- {kind}: " + (f"{best['parameters']:,} parameters (rank {best['rank']}), "
                                           f"{best['parameters'] / lora['parameters']:.3f}× the LoRAs'" if best else
-                                          "no rank measured keeps 95 %"))
+                                          "no rank measured keeps 95 %" if measured else
+                                          "not measured on every task yet"))
         text += "\n\nThe fewest parameters that keep 95 % of the LoRAs' average exact match:\n\n" + "\n".join(keep)
     figure = new_figure(7, 4.5)
     axes = figure.add_subplot()

@@ -18,6 +18,7 @@ from .config import OBJECTIVES, methods
 from .errors import RankshareError
 from .finetune.models import DTYPES
 from .finetune.report import markdown_table
+from .targets import SHARES
 
 DESCRIPTION = """Fine-tune pretrained models with LoTR, MoR, MoE-LoRA or PEFT's LoRA and compare them.
 Defaults: the packaged all-MiniLM-L6-v2 on BBC News topics + tweet sentiment, offline."""
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--model", help="the base model of a PEFT folder: minilm, smollm2, or a model folder")
     compress.add_argument("--rank", type=_ranks, required=True,
                           help="the LoTR rank, or comma-separated ranks for the error-size curve (one folder each)")
-    compress.add_argument("--share", choices=("by_name", "by_shape", "by_module"), default="by_name",
+    compress.add_argument("--share", choices=SHARES, default="by_name",
                           help="one basis per projection across layers (by_name), per shape, or per module, shared "
                           "only by the tasks (by_module) (default: %(default)s)")
     compress.add_argument("--recover-steps", type=_positive_int, help="several LoRA runs: then train each task's "

@@ -28,7 +28,7 @@ from torch import nn
 from .config import AdapterConfig, Recipe, register
 from .errors import RankshareError
 from .layer import AdapterLayer, dense_weight, linear_shape
-from .targets import group_targets
+from .targets import SHARES, group_targets
 
 
 @register
@@ -59,7 +59,7 @@ class LotrConfig(AdapterConfig):
     }
 
     share: str = field(default="by_name", metadata={
-        "choices": ("by_name", "by_shape", "by_module"),
+        "choices": SHARES,
         "help": "one U, V per projection type (by_name), per shape (by_shape) or per module (by_module)"})
     init: str = field(default="random", metadata={"choices": ("random", "tucker"), "help": "init of U and V"})
     freeze_factors: bool = field(default=False, metadata={"help": "train the cores only"})

@@ -26,6 +26,11 @@ def masked_name(name: str) -> str:
     return ".".join("*" if part.isdigit() else part for part in name.split("."))
 
 
+# How targets group into factors they share (``share``): the key of a target's group, beside its shape.
+SHARE_KEYS = {"by_name": masked_name, "by_shape": lambda name: "", "by_module": lambda name: name}
+SHARES = tuple(SHARE_KEYS)
+
+
 def model_modules(model: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
     """The model's modules by name as the base model has them: a layer holding adapters stands for its base layer,
     a module saved per adapter for its original, and nothing inside either is listed."""
@@ -95,10 +100,9 @@ def group_targets(shapes: dict[str, tuple[int, int]], share: str) -> dict[str, l
     ``"by_module"``: every target alone (key ``encoder/layer/0/attention/self/query``): a basis per module, which
     only adapters on one basis (tasks) share.
     """
-    keys = {"by_name": masked_name, "by_shape": lambda name: "", "by_module": lambda name: name}[share]
     by_key: dict[tuple, list[str]] = {}
     for name, shape in shapes.items():
-        by_key.setdefault((keys(name), tuple(shape)), []).append(name)
+        by_key.setdefault((SHARE_KEYS[share](name), tuple(shape)), []).append(name)
     names_with_shapes: dict[str, int] = {}
     for masked, _ in by_key:
         names_with_shapes[masked] = names_with_shapes.get(masked, 0) + 1

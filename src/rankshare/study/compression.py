@@ -92,6 +92,10 @@ def _joint_name(rank: int, share: str) -> str:
     return f"joint-r{rank}" if share == "by_name" else f"joint-by-module-r{rank}"
 
 
+def _joint_kind(share: str) -> str:
+    return "joint" if share == "by_name" else JOINT_BY_MODULE
+
+
 def _joint(part: CompressionPart, rank: int, loras: dict[str, Path], runs: Path, folder: Path | None, quiet: bool,
            say, share: str = "by_name") -> Path:
     """The LoRAs compressed jointly at ``rank``, each task scored into ``folder`` (None: fitted only)."""
@@ -102,7 +106,7 @@ def _joint(part: CompressionPart, rank: int, loras: dict[str, Path], runs: Path,
     seconds = time.perf_counter() - started
     for task in part.tasks if folder else ():
         _score(folder / f"{name}-{task}.json", joint / f"rank-{rank}" / task, quiet, say, {
-            "kind": "joint" if share == "by_name" else JOINT_BY_MODULE, "task": task, "rank": rank,
+            "kind": _joint_kind(share), "task": task, "rank": rank,
             "relative_error": report.task_errors[task],
             "task_parameters": report.task_parameters[task], "basis_parameters": report.basis_parameters,
             "total_parameters": report.total_parameters, "lora_parameters": report.lora_parameters[task],
@@ -129,7 +133,7 @@ def _recovered(part: CompressionPart, rank: int, rate: float | None, loras: dict
         before = json.loads((folder / f"{fitted}-{task}.json").read_text())
         # The error is the fit's, before the cores trained again: kept apart, not shown as this row's.
         kept = {k: v for k, v in before.items() if k not in ("metrics", "relative_error")}
-        kind = ("joint" if share == "by_name" else JOINT_BY_MODULE) + ", recovered" + (f" at {rate:g}" if rate else "")
+        kind = _joint_kind(share) + ", recovered" + (f" at {rate:g}" if rate else "")
         _score(record, recovered, quiet, say, {**kept, "fit_relative_error": before["relative_error"],
                                                 "kind": kind, "recovered": done})
 

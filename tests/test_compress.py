@@ -397,6 +397,25 @@ def test_loras_that_cannot_share_a_basis_are_refused_and_the_base_model_kept(ber
     assert sorted(after) == sorted(before) and all(torch.equal(after[key], before[key]) for key in before)
 
 
+@pytest.mark.parametrize("first, second, alike", [
+    ("/one/place/bert", "/another/place/bert/", True),  # the same model, moved
+    ("someone/bert", "./models/bert", True),  # a hub model and its download into a folder of its name
+    ("someone/bert", "another/bert", False),  # two hub ids
+    ("/one/place/bert", "/one/place/other-bert", False),
+])
+def test_the_base_model_named_by_peft_is_compared_across_places(bert_lora, tmp_path, first, second, alike):
+    for task, named in (("first", first), ("second", second)):
+        shutil.copytree(bert_lora, tmp_path / task)
+        edit_config(tmp_path / task, base_model_name_or_path=named)
+    folders = {"first": tmp_path / "first", "second": tmp_path / "second"}
+    if alike:
+        _, report = rs.compress_loras(base_model(BERT), folders, rank=2)
+        assert sorted(report.task_errors) == ["first", "second"]
+    else:
+        with pytest.raises(rs.RankshareError, match="LoRA 'second' .* trained on"):
+            rs.compress_loras(base_model(BERT), folders, rank=2)
+
+
 def test_each_task_keeps_its_own_head_even_over_another_label_set(tmp_path):
     """News has 5 topics, sentiment 3 classes: one base model serves both, each adapter with its own head."""
     three = peft_lora(BERT, tmp_path / "three", rank=2, seed=1)

@@ -251,9 +251,21 @@ def _check_alike(loras: dict[str, _Lora]) -> None:
                 "such LoRAs apart."
             )
         named, first_named = (lora.config.get("base_model_name_or_path"), first.config.get("base_model_name_or_path"))
-        if named and first_named and named != first_named:
+        if named and first_named and not _same_model(named, first_named):
             raise RankshareError(f"LoRA {task!r} ({lora.directory}) was trained on {named!r}, LoRA {first_task!r} on "
                                  f"{first_named!r}; compress LoRAs of one base model together.")
+
+
+def _same_model(named: str, other: str) -> bool:
+    """Whether two PEFT configs' ``base_model_name_or_path`` name one model: two hub ids agree whole; where either
+    is a local folder, the folders' (or the hub id's) own names agree, as the same model in another place or a hub
+    model downloaded into a folder of its name."""
+    def is_folder(name: str) -> bool:
+        return name.startswith((".", "~")) or Path(name).is_absolute()
+
+    if not (is_folder(named) or is_folder(other)):
+        return named == other
+    return Path(named.rstrip("/")).name == Path(other.rstrip("/")).name
 
 
 def _shapes(lora: _Lora) -> dict[str, tuple[int, int]]:

@@ -89,10 +89,14 @@ def test_recovery_trains_the_cores_alone(loras, tmp_path):
     plain, recovered = tmp_path / "plain", tmp_path / "recovered"
     adapters = [f"--adapter=news={loras['news']}", f"--adapter=sentiment={loras['sentiment']}"]
     assert cli("compress", *adapters, "--rank", 4, "--out", plain) == 0
-    assert cli("compress", *adapters, "--rank", 4, "--recover-steps", 3, "--quiet", "--out", recovered) == 0
+    assert cli("compress", *adapters, "--rank", 4, "--recover-steps", 1, "--quiet", "--out", tmp_path / "default") == 0
+    run = json.loads((tmp_path / "default" / "rank-4" / "news" / "run.json").read_text())
+    assert run["recovered"]["learning_rate"] == 3e-2  # the default rate
+    assert cli("compress", *adapters, "--rank", 4, "--recover-steps", 3, "--recover-lr", 0.05, "--quiet", "--out",
+               recovered) == 0
     for task in ("news", "sentiment"):
         run = json.loads((recovered / "rank-4" / task / "run.json").read_text())
-        assert run["recovered"]["steps"] == 3 and run["recovered"]["learning_rate"] == 3e-2  # the default rate
+        assert run["recovered"]["steps"] == 3 and run["recovered"]["learning_rate"] == 0.05
         assert run["recovered"]["trainable_parameters"]["head"] == 0  # the head stays as the LoRA left it
         before, *_ = load_trained(plain / "rank-4" / task, "cpu")
         after, *_ = load_trained(recovered / "rank-4" / task, "cpu")

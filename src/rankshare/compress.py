@@ -265,7 +265,7 @@ def _same_model(named: str, other: str) -> bool:
 
     if not (is_folder(named) or is_folder(other)):
         return named == other
-    return Path(named.rstrip("/")).name == Path(other.rstrip("/")).name
+    return Path(named).name == Path(other).name
 
 
 def _shapes(lora: _Lora) -> dict[str, tuple[int, int]]:
